@@ -1,0 +1,135 @@
+"""Checkpoints: written atomically, read with torch.load(weights_only=True).
+
+A checkpoint is a folder `checkpoint-EEEE/` holding `checkpoint.pt` (model in the
+reference MAE parameter names, optimizer, epoch, step, RNG states, resolved config) and
+`config.yaml` (the same config, for humans). Folders are built under a temporary name and
+renamed into place, so a crash never leaves a half-written checkpoint behind.
+"""
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or not an MAE checkpoint."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the engine draws from, in types that weights_only loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(_as_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(x: Any) -> Any:
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write payload to folder/checkpoint.pt (+ config.yaml) atomically; return the folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        torch.save(payload, tmp / CHECKPOINT_FILE)
+        if "config" in payload:
+            (tmp / "config.yaml").write_text(yaml.safe_dump(payload["config"], sort_keys=False))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """Accept a checkpoint folder or a .pt/.pth file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; pass a checkpoint folder or a .pt/.pth file")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load safely (no code runs): tensors, numbers, strings and containers only."""
+    file = checkpoint_file(path)
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, wrong format
+        raise CheckpointError(
+            f"cannot read checkpoint {file}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
+            "It may be truncated (an interrupted copy) or not a PyTorch weights file; "
+            "delete it to resume from the previous checkpoint, or re-download it."
+        ) from e
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{file} holds a {type(payload).__name__}, not a checkpoint dictionary")
+    return payload
+
+
+def model_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict inside ours ({'model': ...}), the reference's ({'model': ...}) or a bare one."""
+    state = payload.get("model", payload)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError("checkpoint has no model state dict under 'model'")
+    prefixes = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+    clean = {}
+    for k, v in state.items():
+        while k.startswith(prefixes):
+            k = k.split(".", 1)[1]
+        clean[k] = v
+    return clean
+
+
+def checkpoint_folders(run_dir: str | os.PathLike) -> list[Path]:
+    """Completed checkpoint folders of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.glob("checkpoint-[0-9]*") if (p / CHECKPOINT_FILE).is_file())
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    folders = checkpoint_folders(run_dir)
+    return folders[-1] if folders else None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    for old in checkpoint_folders(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

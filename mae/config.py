@@ -1,0 +1,345 @@
+"""One typed config tree: YAML gives values, `--set section.key=value` overrides them.
+
+Every section is a frozen dataclass; an unknown key, a wrong type or a bad value fails at
+load time with a message naming the key. Derived values (the absolute learning rate) are
+computed by named functions here and saved beside every checkpoint.
+"""
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mae.masking import MASK_STRATEGIES, num_visible
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mae_vit_micro_patch4"
+    img_size: int | None = None  # None: the variant's default
+    patch_size: int | None = None
+    in_chans: int | None = None
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    norm_pix_loss: bool = True
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    ratio: float = 0.75
+    strategy: str = "random"  # random | block | grid (the paper's Table 1(f))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion_mnist"  # fashion_mnist | imagefolder | synthetic
+    data_dir: str | None = None  # None: $MAE_DATA_DIR, then the dataset's default place
+    train_subset: int | None = None  # first K training images, for quick runs
+    num_workers: int = 0
+    synthetic_size: int = 1024
+    crop_scale_min: float = 0.2  # RandomResizedCrop(scale=(crop_scale_min, 1))
+    hflip: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    base_lr: float = 1.5e-4  # per 256 images; lr = base_lr * effective_batch / 256
+    lr: float | None = None  # absolute lr; overrides base_lr when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_epochs: float = 1.0
+    clip_grad: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256  # per process
+    accum_iter: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    compile: bool = False
+    log_every: int = 20  # optimizer steps between host syncs for logging
+    checkpoint_every: int = 1  # epochs
+    max_steps_per_epoch: int | None = None  # cap, for smoke runs
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    pool: str = "cls"  # cls | avg
+    # quick probe: logistic regression on cached frozen features
+    quick_train_size: int = 10000
+    quick_test_size: int | None = None  # None: the whole test split
+    quick_epochs: int = 100
+    quick_lr: float = 0.1
+    quick_weight_decay: float = 1e-4
+    # full linear probe, the paper's recipe (Appendix A.2)
+    epochs: int = 90
+    batch_size: int = 256
+    base_lr: float = 0.1
+    weight_decay: float = 0.0
+    warmup_epochs: float = 10.0
+    optimizer: str = "lars"  # lars | sgd
+    train_subset: int | None = None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Search over the paper's choices; read by ray_jobs/, kept here so YAML is checked once."""
+
+    search: str = "grid"  # grid | optuna
+    metric: str = "probe_top1"
+    mode: str = "max"
+    num_samples: int = 1  # optuna: trials; grid: repeats of the whole grid
+    max_concurrent: int = 1
+    scheduler: str = "none"  # none | asha
+    space: dict[str, Any] = field(default_factory=dict)  # "mask.ratio": [0.5, 0.75] or {low, high}
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+# -- building from dicts ---------------------------------------------------------------
+
+
+def from_dict(cls: type, values: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, checking keys and types."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, hint, value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, option, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model.name": ..., "mask.ratio": ...}: one column per value, for Parquet."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        if isinstance(value, dict) and key != "space":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# -- overrides and files ---------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.epochs=5' -> (['train', 'epochs'], 5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r} has an empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    values = _deep_copy(values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment (or the defaults), apply overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"experiment file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"experiment file {path} is not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"experiment file {path} must hold a mapping of sections")
+        values.setdefault("name", path.stem)
+    values = apply_overrides(values, overrides or [])
+    cfg = from_dict(ExperimentConfig, values)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild (and re-validate) a config saved with `to_dict`."""
+    cfg = from_dict(ExperimentConfig, values)
+    validate(cfg)
+    return cfg
+
+
+def replace(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """A copy with {"mask.ratio": 0.5, ...} applied and validated (sweeps use this)."""
+    texts = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for k, v in overrides.items()]
+    return config_from_dict(apply_overrides(to_dict(cfg), texts))
+
+
+# -- validation ------------------------------------------------------------------------
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    require(0.0 < cfg.mask.ratio < 1.0, "mask.ratio", f"must be in (0, 1), got {cfg.mask.ratio}")
+    require(cfg.mask.strategy in MASK_STRATEGIES, "mask.strategy",
+            f"must be one of {list(MASK_STRATEGIES)}, got {cfg.mask.strategy!r}")
+    try:
+        args = resolved_model_args(cfg)
+    except ValueError as e:
+        key = "model.name" if "unknown model" in str(e) else "model"
+        if "img_size" in str(e):
+            key = "model.img_size"
+        raise ConfigError(f"{key}: {e}") from e
+    num_patches = (args["img_size"] // args["patch_size"]) ** 2
+    require(num_visible(num_patches, cfg.mask.ratio) >= 1, "mask.ratio",
+            f"{cfg.mask.ratio} leaves no visible patch out of {num_patches}")
+    require(cfg.data.dataset in DATASETS, "data.dataset",
+            f"must be one of {list(DATASETS)}, got {cfg.data.dataset!r}")
+    require(cfg.data.train_subset is None or cfg.data.train_subset > 0, "data.train_subset", "must be positive")
+    require(0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]")
+    require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    require(cfg.optim.base_lr > 0, "optim.base_lr", "must be positive")
+    require(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", "must be positive")
+    require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+    require(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    require(cfg.train.epochs >= 1, "train.epochs", f"must be >= 1, got {cfg.train.epochs}")
+    require(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    require(cfg.train.accum_iter >= 1, "train.accum_iter", "must be >= 1")
+    require(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    require(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    require(cfg.probe.pool in ("cls", "avg"), "probe.pool", f"must be 'cls' or 'avg', got {cfg.probe.pool!r}")
+    require(cfg.probe.optimizer in ("lars", "sgd"), "probe.optimizer", "must be 'lars' or 'sgd'")
+    require(cfg.probe.quick_train_size >= 10, "probe.quick_train_size", "must be >= 10")
+    require(cfg.sweep.search in ("grid", "optuna"), "sweep.search", "must be 'grid' or 'optuna'")
+    require(cfg.sweep.mode in ("max", "min"), "sweep.mode", "must be 'max' or 'min'")
+    require(cfg.sweep.scheduler in ("none", "asha"), "sweep.scheduler", "must be 'none' or 'asha'")
+    require(cfg.sweep.num_samples >= 1, "sweep.num_samples", "must be >= 1")
+    require(cfg.sweep.max_concurrent >= 1, "sweep.max_concurrent", "must be >= 1")
+
+
+DATASETS = ("fashion_mnist", "imagefolder", "synthetic")
+
+
+def resolved_model_args(cfg: ExperimentConfig) -> dict[str, Any]:
+    from mae.models import model_args  # local: keeps `import mae.config` free of timm
+
+    m = cfg.model
+    return model_args(
+        m.name, img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans,
+        decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads, norm_pix_loss=m.norm_pix_loss,
+        mask_strategy=cfg.mask.strategy,
+    )
+
+
+def effective_batch_size(cfg: ExperimentConfig, world_size: int = 1) -> int:
+    return cfg.train.batch_size * cfg.train.accum_iter * world_size
+
+
+def absolute_lr(cfg: ExperimentConfig, world_size: int = 1) -> float:
+    """lr = base_lr * effective_batch / 256 (the paper's linear scaling), unless optim.lr is set."""
+    if cfg.optim.lr is not None:
+        return cfg.optim.lr
+    return cfg.optim.base_lr * effective_batch_size(cfg, world_size) / 256

@@ -1,0 +1,251 @@
+"""Datasets: Fashion-MNIST (IDX files), ImageNet-style folders, synthetic tensors.
+
+Every dataset yields (image (C, H, W) float, label int). Pretraining transforms are the
+paper's: RandomResizedCrop(scale=(0.2, 1)) and a horizontal flip, nothing else.
+"""
+
+import gzip
+import logging
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from mae.config import ExperimentConfig, resolved_model_args
+
+log = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "MAE_DATA_DIR"
+FASHION_MNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)  # over the training split
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset is not where we looked; the message says how to install or point to it."""
+
+
+class CorruptDatasetError(ValueError):
+    """A dataset file exists but cannot be read."""
+
+
+# -- Fashion-MNIST -------------------------------------------------------------------
+
+
+def _open_idx(folder: Path, stem: str) -> bytes:
+    for name in (stem, stem + ".gz"):
+        path = folder / name
+        if path.is_file():
+            try:
+                return gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+            except (OSError, EOFError) as e:
+                raise CorruptDatasetError(f"{path} is unreadable ({e}); reinstall or re-download it") from e
+    raise DatasetNotFoundError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {folder}. Install the dataset with "
+        f"`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts it in "
+        f"{FASHION_MNIST_DEFAULT}), or point --data-dir / ${DATA_DIR_ENV} (config key "
+        f"data.data_dir) at a folder holding the four IDX files."
+    )
+
+
+def read_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
+    """Parse an IDX file (the MNIST format): big-endian magic, dims, then uint8 values."""
+    if len(data) < 4:
+        raise CorruptDatasetError(f"{source} is truncated ({len(data)} bytes)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise CorruptDatasetError(f"{source} is not a uint8 IDX file (bad magic)")
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise CorruptDatasetError(
+            f"{source} should hold {expected} values of shape {shape}, has {len(data) - header} bytes"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def resolve_data_dir(data_dir: str | None, default: str | None) -> Path:
+    """Config value, then $MAE_DATA_DIR, then the dataset's default place."""
+    chosen = data_dir or os.environ.get(DATA_DIR_ENV) or default
+    if chosen is None:
+        raise DatasetNotFoundError(f"no data directory: set data.data_dir, --data-dir or ${DATA_DIR_ENV}")
+    return Path(chosen).expanduser()
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its IDX files (Debian's dataset-fashion-mnist by default)."""
+
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+    def __init__(self, root: str | Path, train: bool = True, transform=None, subset: int | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST folder {root} does not exist. Install it with `sudo apt-get install "
+                f"dataset-fashion-mnist` (into {FASHION_MNIST_DEFAULT}) or point --data-dir / "
+                f"${DATA_DIR_ENV} at a folder holding the IDX files."
+            )
+        prefix = "train" if train else "t10k"
+        images = read_idx(_open_idx(root, f"{prefix}-images-idx3-ubyte"), f"{prefix} images in {root}")
+        labels = read_idx(_open_idx(root, f"{prefix}-labels-idx1-ubyte"), f"{prefix} labels in {root}")
+        if len(images) != len(labels):
+            raise CorruptDatasetError(f"{root}: {len(images)} {prefix} images but {len(labels)} labels")
+        if subset is not None:
+            images, labels = images[:subset], labels[:subset]
+        self.images = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]
+        img = self.transform(img) if self.transform else img.float() / 255
+        return img, int(self.labels[i])
+
+
+# -- ImageFolder ---------------------------------------------------------------------
+
+
+class ImageFolder(Dataset):
+    """root/<class>/<image>, ImageNet layout. Unreadable images are skipped and logged.
+
+    A corrupt file yields None from __getitem__; `collate_skip_none` drops it from the
+    batch. `skipped` counts them in this process (workers keep their own counts; every
+    skip is logged with its path either way).
+    """
+
+    def __init__(self, root: str | Path, transform=None, in_chans: int = 3):
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetNotFoundError(
+                f"image folder {root} does not exist; set data.data_dir (or --data-dir / "
+                f"${DATA_DIR_ENV}) to an ImageNet-style tree root/<class>/<image>"
+            )
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise DatasetNotFoundError(f"image folder {root} has no class sub-folders (root/<class>/<image>)")
+        self.samples = [
+            (path, label)
+            for label, cls in enumerate(self.classes)
+            for path in sorted((root / cls).rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.samples:
+            raise DatasetNotFoundError(f"image folder {root} holds no images with suffixes {IMAGE_SUFFIXES}")
+        self.transform = transform
+        self.mode = "L" if in_chans == 1 else "RGB"
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert(self.mode)  # forces a full decode: truncation shows here
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            self.skipped += 1
+            log.warning("skipping unreadable image %s (%s); %d skipped so far", path, e, self.skipped)
+            return None
+        img = v2.functional.pil_to_tensor(img)  # (C, H, W) uint8
+        img = self.transform(img) if self.transform else img.float() / 255
+        return img, label
+
+
+def collate_skip_none(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default collation after dropping samples that failed to load."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.utils.data.default_collate(batch)
+
+
+# -- synthetic -----------------------------------------------------------------------
+
+
+class SyntheticImages(Dataset):
+    """Deterministic random images (same index, same image); labels cycle over 10 classes."""
+
+    def __init__(self, size: int, img_size: int, in_chans: int, seed: int = 0):
+        self.size, self.shape, self.seed = size, (in_chans, img_size, img_size), seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return torch.randn(self.shape, generator=g), i % 10
+
+
+# -- transforms and the builder --------------------------------------------------------
+
+
+def pretrain_transform(img_size: int, mean, std, scale_min: float = 0.2, hflip: bool = True) -> v2.Compose:
+    """The paper's pretraining augmentation, on uint8 (C, H, W) tensors."""
+    steps = [
+        v2.RandomResizedCrop(img_size, scale=(scale_min, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def eval_transform(img_size: int, mean, std, crop_pct: float = 224 / 256) -> v2.Compose:
+    """Resize (short side img_size / crop_pct) + centre crop, as in the paper's evaluation."""
+    return v2.Compose([
+        v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(img_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = True,
+                  subset: int | None = None) -> Dataset:
+    """The configured dataset's 'train' or 'test' split, with pretraining or eval transforms."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    args = resolved_model_args(cfg)
+    img_size, in_chans = args["img_size"], args["in_chans"]
+    d = cfg.data
+    if d.dataset == "synthetic":
+        size = d.synthetic_size if split == "train" else max(1, d.synthetic_size // 4)
+        return SyntheticImages(subset or size, img_size, in_chans, seed=0 if split == "train" else 1)
+    if d.dataset == "fashion_mnist":
+        if in_chans != 1:
+            raise ValueError(f"Fashion-MNIST is greyscale: set model.in_chans=1 (got {in_chans})")
+        root = resolve_data_dir(d.data_dir, FASHION_MNIST_DEFAULT)
+        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+        if split == "train" and augment:
+            tf = pretrain_transform(img_size, mean, std, d.crop_scale_min, d.hflip)
+        else:
+            tf = v2.Compose([v2.Resize(img_size, antialias=True), v2.ToDtype(torch.float32, scale=True),
+                             v2.Normalize(mean, std)])
+        return FashionMNIST(root, train=split == "train", transform=tf, subset=subset)
+    # imagefolder: root/train and root/val when present, else root for both
+    root = resolve_data_dir(d.data_dir, None)
+    folder = root / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        folder = root
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    if split == "train" and augment:
+        tf = pretrain_transform(img_size, mean, std, d.crop_scale_min, d.hflip)
+    else:
+        tf = eval_transform(img_size, mean, std)
+    ds = ImageFolder(folder, transform=tf, in_chans=in_chans)
+    if subset is not None:
+        ds = torch.utils.data.Subset(ds, range(min(subset, len(ds))))
+    return ds

@@ -1,0 +1,285 @@
+"""The pretraining engine: one loop for a laptop CPU, one GPU, or a DDP worker.
+
+`pretrain(cfg, run_dir)` trains, checkpoints every `train.checkpoint_every` epochs into
+run_dir/checkpoint-EEEE/, resumes from the newest checkpoint there (or `resume_from`),
+and reports through a `PretrainCallback`, which is where Ray hooks in. When
+torch.distributed is initialised (Ray Train does that) the model is wrapped in DDP and
+the data sharded; the loop itself does not change.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import mae
+from mae.checkpoint import (
+    latest_checkpoint, load_checkpoint, model_state, prune_checkpoints, rng_state,
+    save_checkpoint, set_rng_state,
+)
+from mae.config import ExperimentConfig, absolute_lr, config_from_dict, resolved_model_args, to_dict
+from mae.data import build_dataset, collate_skip_none
+from mae.models import MaskedAutoencoderViT
+from mae.optim import cosine_lr, param_groups, set_lr
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class PretrainCallback:
+    """Hooks called on every rank; override what you need (ray_jobs/ reports from here)."""
+
+    def on_log(self, metrics: dict[str, float]) -> None:
+        """Every `train.log_every` optimizer steps: step, epoch, loss, lr."""
+
+    def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        """After each epoch; checkpoint_dir is set on the epochs that saved one (rank 0 only)."""
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch run here
+    checkpoint_dir: Path | None = None
+    final_loss: float = math.nan
+    best_loss: float = math.nan
+    wall_time_s: float = 0.0
+    images_per_sec: float = 0.0
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: ExperimentConfig) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(**resolved_model_args(cfg))
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pretrain(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    callback: PretrainCallback | None = None,
+    resume_from: str | Path | None = None,
+    device: torch.device | str | None = None,
+    keep_checkpoints: int = 2,
+) -> PretrainResult:
+    """Pretrain an MAE as configured; resumable to the same result.
+
+    run_dir: where checkpoints and config.yaml go; an existing checkpoint there is resumed.
+    resume_from: a checkpoint folder to resume from instead (Ray hands one over).
+    Raises NonFiniteLossError when the loss stops being finite.
+    """
+    callback = callback or PretrainCallback()
+    run_dir = Path(run_dir)
+    rank, world_size = _world()
+    device = torch.device(device) if device is not None else select_device(cfg.train.device)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    seed_everything(cfg.train.seed + rank)
+
+    dataset = build_dataset(cfg, "train", augment=True, subset=cfg.data.train_subset)
+    per_rank = len(dataset) // world_size
+    if per_rank < cfg.train.batch_size:
+        raise ValueError(
+            f"train.batch_size {cfg.train.batch_size} is larger than the {per_rank} training images "
+            f"per process; lower train.batch_size or raise data.train_subset"
+        )
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=cfg.train.seed, drop_last=True)
+    loader = DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0, collate_fn=collate_skip_none,
+    )
+    accum = cfg.train.accum_iter
+    steps_per_epoch = len(loader) // accum
+    if cfg.train.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch has no optimizer step: lower train.accum_iter ({accum}) or train.batch_size")
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    peak_lr = absolute_lr(cfg, world_size)
+
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=peak_lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
+
+    start_epoch, step, history = 0, 0, []
+    source = Path(resume_from) if resume_from else latest_checkpoint(run_dir)
+    if source is not None:
+        payload = load_checkpoint(source)
+        model.load_state_dict(model_state(payload), strict=True)
+        optimizer.load_state_dict(payload["optimizer"])
+        start_epoch, step = int(payload["epoch"]), int(payload["step"])
+        history = list(payload.get("history", []))
+        set_rng_state(payload["rng"][rank] if isinstance(payload["rng"], list) else payload["rng"])
+        log.info("resumed from %s at epoch %d (step %d)", source, start_epoch, step)
+
+    train_model: torch.nn.Module = model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if device.type == "cuda" else contextlib.nullcontext()
+    )
+
+    result = PretrainResult(run_dir=run_dir, epochs=[])
+    t_run = time.perf_counter()
+    images_total = 0
+    last_ckpt: Path | None = None
+    for epoch in range(start_epoch, cfg.train.epochs):
+        sampler.set_epoch(epoch)
+        train_model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)  # on device: no host sync per step
+        window_sum = torch.zeros((), device=device)
+        n_iters = n_images = 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+                   disable=not (cfg.train.progress and rank == 0))
+        for it, (imgs, _) in enumerate(loader):
+            if it // accum >= steps_per_epoch:
+                break
+            if it % accum == 0:
+                lr = cosine_lr(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
+                set_lr(optimizer, lr)
+            imgs = imgs.to(device, non_blocking=True)
+            sync = (it + 1) % accum == 0
+            no_sync = train_model.no_sync() if (world_size > 1 and not sync) else contextlib.nullcontext()
+            with no_sync, autocast:
+                loss, _, _ = train_model(imgs, mask_ratio=cfg.mask.ratio)
+            with no_sync:
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+            window_sum += loss.detach()
+            n_iters += 1
+            n_images += imgs.shape[0]
+            if not sync:
+                continue
+            if cfg.optim.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0:
+                window = window_sum.item() / (cfg.train.log_every * accum)  # the one host sync
+                _check_finite(window, epoch, step)
+                window_sum.zero_()
+                bar.set_postfix(loss=f"{window:.4f}", lr=f"{lr:.2e}")
+                callback.on_log({"epoch": epoch, "step": step, "loss": window, "lr": lr})
+        bar.close()
+        if world_size > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world_size
+        epoch_loss = loss_sum.item() / max(1, n_iters)
+        _check_finite(epoch_loss, epoch, step)
+        epoch_time = time.perf_counter() - t0
+        images_total += n_images * world_size
+        metrics = {
+            "epoch": epoch + 1, "step": step, "train_loss": epoch_loss, "lr": lr,
+            "epoch_time_s": epoch_time, "images_per_sec": n_images * world_size / epoch_time,
+        }
+        history.append(metrics)
+        log.info("epoch %d/%d loss %.4f lr %.2e %.0f img/s", epoch + 1, cfg.train.epochs,
+                 epoch_loss, lr, metrics["images_per_sec"])
+        ckpt = None
+        last_epoch = epoch + 1 == cfg.train.epochs
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or last_epoch:
+            rngs = _gather_rng(world_size)
+            if rank == 0:
+                ckpt = save_checkpoint(run_dir / f"checkpoint-{epoch + 1:04d}", {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1, "step": step, "rng": rngs, "config": to_dict(cfg),
+                    "history": history, "mae_version": mae.__version__,
+                })
+                prune_checkpoints(run_dir, keep_checkpoints)
+                last_ckpt = ckpt
+        callback.on_epoch_end(dict(metrics), ckpt)
+        result.epochs.append(metrics)
+
+    result.wall_time_s = time.perf_counter() - t_run
+    result.images_per_sec = images_total / result.wall_time_s if result.epochs else 0.0
+    result.checkpoint_dir = last_ckpt or latest_checkpoint(run_dir)
+    if history:
+        result.final_loss = history[-1]["train_loss"]
+        result.best_loss = min(h["train_loss"] for h in history)
+    return result
+
+
+def _check_finite(value: float, epoch: int, step: int) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"training loss became {value} at epoch {epoch + 1}, step {step}; lower optim.base_lr, "
+            f"set optim.clip_grad (e.g. 1.0) or lengthen optim.warmup_epochs, and check the input data"
+        )
+
+
+def _gather_rng(world_size: int) -> Any:
+    """This rank's RNG state, or every rank's (a list) under DDP, so each resumes its own."""
+    state = rng_state()
+    if world_size == 1:
+        return state
+    states: list[Any] = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def load_model(path: str | Path, **overrides: Any) -> tuple[MaskedAutoencoderViT, ExperimentConfig]:
+    """Rebuild the model a checkpoint of ours was trained with and load its weights."""
+    payload = load_checkpoint(path)
+    if "config" not in payload:
+        raise ValueError(
+            f"{path} carries no config (not written by this package); build the model with "
+            "mae.models.build_mae(name) and load_state_dict(mae.checkpoint.model_state(payload))"
+        )
+    cfg = config_from_dict(payload["config"])
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    model = build_model(cfg)
+    model.load_state_dict(model_state(payload), strict=True)
+    return model, cfg
