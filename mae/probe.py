@@ -1,0 +1,199 @@
+"""Linear probing of a frozen MAE encoder.
+
+- `quick_probe`: logistic regression (L-BFGS, full batch) on cached frozen features of a
+  training subset, scored on the test split. Seconds on a CPU; every sweep trial ends
+  with it, and its top-1 is the sweep objective.
+- `linear_probe`: the paper's recipe (He et al. 2021, Appendix A.2): frozen encoder,
+  BatchNorm without affine before a linear head, LARS (timm's) or SGD, lr = base_lr *
+  batch / 256, cosine schedule with warm-up, augmented training images.
+Both report top-1 on the held-out test split.
+"""
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from mae.config import ExperimentConfig
+from mae.data import build_dataset, collate_skip_none
+from mae.engine import select_device
+from mae.models import MaskedAutoencoderViT
+from mae.optim import cosine_lr, set_lr
+
+log = logging.getLogger(__name__)
+
+
+def num_classes(dataset: Dataset) -> int:
+    base = getattr(dataset, "dataset", dataset)  # through a Subset
+    return len(getattr(base, "classes", range(10)))
+
+
+@torch.no_grad()
+def extract_features(
+    model: MaskedAutoencoderViT, dataset: Dataset, device: torch.device, pool: str = "cls",
+    batch_size: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features (M, D) float32 on the CPU and labels (M,)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+                if device.type == "cuda" else contextlib.nullcontext())
+    feats, labels = [], []
+    for imgs, y in loader:
+        with autocast:
+            feats.append(model.forward_features(imgs.to(device), pool=pool).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_logistic(
+    x_train: torch.Tensor, y_train: torch.Tensor, classes: int, iters: int = 100,
+    lr: float = 0.1, weight_decay: float = 1e-4,
+) -> nn.Linear:
+    """Multinomial logistic regression on standardised features, full-batch L-BFGS."""
+    head = nn.Linear(x_train.shape[1], classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=lr * 10, max_iter=iters, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(head(x_train), y_train)
+        loss = loss + 0.5 * weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head
+
+
+def quick_probe(
+    model: MaskedAutoencoderViT, cfg: ExperimentConfig, device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Top-1 of a logistic regression on frozen features (the sweep objective).
+
+    Returns {"probe_top1", "probe_train_top1", "probe_n_train", "probe_n_test", "probe_seconds"}.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device) if device is not None else select_device(cfg.train.device)
+    model = model.to(device)
+    p = cfg.probe
+    train = build_dataset(cfg, "train", augment=False, subset=p.quick_train_size)
+    test = build_dataset(cfg, "test", augment=False, subset=p.quick_test_size)
+    x_train, y_train = extract_features(model, train, device, p.pool)
+    x_test, y_test = extract_features(model, test, device, p.pool)
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    head = fit_logistic(x_train, y_train, num_classes(train), p.quick_epochs, p.quick_lr, p.quick_weight_decay)
+    with torch.no_grad():
+        train_top1 = (head(x_train).argmax(1) == y_train).float().mean().item()
+        top1 = (head(x_test).argmax(1) == y_test).float().mean().item()
+    return {
+        "probe_top1": top1, "probe_train_top1": train_top1, "probe_n_train": len(y_train),
+        "probe_n_test": len(y_test), "probe_seconds": time.perf_counter() - t0,
+    }
+
+
+class LinearProbeHead(nn.Module):
+    """BatchNorm without affine (a per-feature whitening the paper found helps) + linear."""
+
+    def __init__(self, dim: int, classes: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.fc = nn.Linear(dim, classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(feats))
+
+
+def probe_optimizer(head: nn.Module, kind: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    from timm.optim import Lars
+
+    # LARS trust ratio on weight matrices only; biases take plain momentum SGD (as the paper).
+    weights = [p for p in head.parameters() if p.ndim > 1]
+    others = [p for p in head.parameters() if p.ndim <= 1]
+    return Lars(
+        [{"params": weights, "always_adapt": True, "weight_decay": weight_decay},
+         {"params": others, "always_adapt": False, "weight_decay": 0.0}],
+        lr=lr, momentum=0.9,
+    )
+
+
+@dataclass
+class ProbeResult:
+    top1: float
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def evaluate(model: MaskedAutoencoderViT, head: nn.Module, loader: DataLoader, device: torch.device,
+             pool: str) -> float:
+    head.eval()
+    correct = total = 0
+    for imgs, y in loader:
+        logits = head(model.forward_features(imgs.to(device), pool=pool).float())
+        correct += (logits.argmax(1).cpu() == y).sum().item()
+        total += len(y)
+    return correct / max(1, total)
+
+
+def linear_probe(
+    model: MaskedAutoencoderViT, cfg: ExperimentConfig, device: torch.device | str | None = None,
+    progress: bool = True,
+) -> ProbeResult:
+    """The paper's linear probe: frozen encoder, BN + linear head, LARS, cosine with warm-up."""
+    t0 = time.perf_counter()
+    p = cfg.probe
+    device = torch.device(device) if device is not None else select_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = model.to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    train = build_dataset(cfg, "train", augment=True, subset=p.train_subset)
+    test = build_dataset(cfg, "test", augment=False)
+    if len(train) < p.batch_size:
+        raise ValueError(f"probe.batch_size {p.batch_size} exceeds the {len(train)} training images")
+    train_loader = DataLoader(train, batch_size=p.batch_size, shuffle=True, drop_last=True,
+                              num_workers=cfg.data.num_workers, collate_fn=collate_skip_none)
+    test_loader = DataLoader(test, batch_size=512, collate_fn=collate_skip_none)
+    dim = model.cls_token.shape[-1]
+    head = LinearProbeHead(dim, num_classes(train)).to(device)
+    peak_lr = p.base_lr * p.batch_size / 256
+    optimizer = probe_optimizer(head, p.optimizer, peak_lr, p.weight_decay)
+    steps_per_epoch = len(train_loader)
+    total, warmup = p.epochs * steps_per_epoch, int(round(p.warmup_epochs * steps_per_epoch))
+    result, step = ProbeResult(top1=0.0), 0
+    for epoch in range(p.epochs):
+        head.train()
+        loss_sum = torch.zeros((), device=device)
+        for imgs, y in tqdm(train_loader, desc=f"probe {epoch + 1}/{p.epochs}", leave=False,
+                            disable=not progress):
+            set_lr(optimizer, cosine_lr(step, total, warmup, peak_lr))
+            with torch.no_grad():
+                feats = model.forward_features(imgs.to(device), pool=p.pool).float()
+            loss = nn.functional.cross_entropy(head(feats), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            step += 1
+        top1 = evaluate(model, head, test_loader, device, p.pool)
+        result.epochs.append({"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch,
+                              "test_top1": top1})
+        log.info("probe epoch %d/%d loss %.4f test top-1 %.4f", epoch + 1, p.epochs,
+                 result.epochs[-1]["train_loss"], top1)
+    result.top1 = result.epochs[-1]["test_top1"]
+    result.seconds = time.perf_counter() - t0
+    return result
