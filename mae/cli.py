@@ -1,0 +1,153 @@
+"""`python -m mae pretrain|probe|reconstruct ...`: the library from the command line.
+
+    python -m mae pretrain --config experiments/fashion_mnist.yaml [--set train.epochs=5]
+    python -m mae probe --checkpoint runs/fashion_mnist/checkpoint-0010 [--quick]
+    python -m mae reconstruct --checkpoint runs/fashion_mnist/checkpoint-0010 --out recon.png
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from mae.checkpoint import CheckpointError, load_checkpoint
+from mae.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, load_config, to_dict
+from mae.data import DATA_DIR_ENV, CorruptDatasetError, DatasetNotFoundError
+
+log = logging.getLogger("mae")
+
+USER_ERRORS = (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError, FloatingPointError)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set mask.ratio=0.5")
+    p.add_argument("--data-dir", help=f"dataset folder (else data.data_dir, ${DATA_DIR_ENV}, the default)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N | auto (overrides train.device)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mae", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain an MAE, then quick-probe its encoder")
+    p.add_argument("--config", help="experiment YAML (default: built-in defaults)")
+    p.add_argument("--out", help="run folder (default runs/<experiment name>); resumes if it holds a checkpoint")
+    p.add_argument("--no-probe", action="store_true", help="skip the quick probe at the end")
+    _common(p)
+
+    p = sub.add_parser("probe", help="linear-probe a checkpoint's frozen encoder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or .pt file written by pretrain")
+    p.add_argument("--config", help="YAML whose data/probe sections replace the checkpoint's")
+    p.add_argument("--quick", action="store_true", help="the quick probe (logistic regression on cached features)")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    _common(p)
+
+    p = sub.add_parser("reconstruct", help="PNG grid: original | masked | reconstruction | + visible")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="reconstructions.png")
+    p.add_argument("--num", type=int, default=8, help="number of test images")
+    p.add_argument("--mask-ratio", type=float, help="default: the ratio the model was trained with")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    return parser
+
+
+def _with_cli_values(values: dict, args: argparse.Namespace) -> ExperimentConfig:
+    extra = list(args.overrides)
+    if args.data_dir:
+        extra.append(f"data.data_dir={args.data_dir}")
+    if args.device:
+        extra.append(f"train.device={args.device}")
+    return config_from_dict(apply_overrides(values, extra))
+
+
+def _checkpoint_config(args: argparse.Namespace) -> ExperimentConfig:
+    payload = load_checkpoint(args.checkpoint)
+    if "config" not in payload:
+        raise CheckpointError(f"{args.checkpoint} carries no config: it was not written by `mae pretrain`")
+    values = payload["config"]
+    if getattr(args, "config", None):
+        file_values = to_dict(load_config(args.config))
+        values = {**values, "data": file_values["data"], "probe": file_values["probe"]}
+    return _with_cli_values(values, args)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from mae.engine import build_model, pretrain
+    from mae.probe import quick_probe
+
+    base = to_dict(load_config(args.config)) if args.config else to_dict(load_config())
+    cfg = _with_cli_values(base, args)
+    run_dir = Path(args.out or Path("runs") / cfg.name)
+    log.info("pretraining %s into %s", cfg.model.name, run_dir)
+    result = pretrain(cfg, run_dir)
+    summary = {"run_dir": str(run_dir), "checkpoint": str(result.checkpoint_dir),
+               "final_loss": result.final_loss, "wall_time_s": result.wall_time_s,
+               "images_per_sec": result.images_per_sec}
+    if result.epochs:
+        summary["first_epoch_loss"] = result.epochs[0]["train_loss"]
+    if not args.no_probe and result.checkpoint_dir is not None:
+        model = build_model(cfg)
+        model.load_state_dict(load_checkpoint(result.checkpoint_dir)["model"])
+        summary.update(quick_probe(model, cfg))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from mae.checkpoint import model_state
+    from mae.engine import build_model
+    from mae.probe import linear_probe, quick_probe
+
+    cfg = _checkpoint_config(args)
+    model = build_model(cfg)
+    model.load_state_dict(model_state(load_checkpoint(args.checkpoint)))
+    if args.quick:
+        out = quick_probe(model, cfg)
+    else:
+        r = linear_probe(model, cfg, progress=cfg.train.progress)
+        out = {"probe_top1": r.top1, "probe_seconds": r.seconds, "epochs": r.epochs}
+    out["checkpoint"] = str(args.checkpoint)
+    text = json.dumps(out, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from mae.checkpoint import model_state
+    from mae.data import build_dataset
+    from mae.engine import build_model
+    from mae.reconstruct import reconstruct, save_reconstruction_grid
+
+    cfg = _checkpoint_config(args)
+    model = build_model(cfg)
+    model.load_state_dict(model_state(load_checkpoint(args.checkpoint)))
+    test = build_dataset(cfg, "test", augment=False, subset=args.num)
+    imgs = torch.stack([test[i][0] for i in range(min(args.num, len(test)))])
+    torch.manual_seed(args.seed)
+    panels = reconstruct(model, imgs, args.mask_ratio if args.mask_ratio is not None else cfg.mask.ratio)
+    tf = getattr(test, "transform", None) or getattr(getattr(test, "dataset", None), "transform", None)
+    norm = next((t for t in getattr(tf, "transforms", []) if hasattr(t, "mean")), None)
+    mean, std = (tuple(norm.mean), tuple(norm.std)) if norm else ((0.0,), (1.0,))
+    path = save_reconstruction_grid(panels, args.out, mean, std)
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    commands = {"pretrain": cmd_pretrain, "probe": cmd_probe, "reconstruct": cmd_reconstruct}
+    try:
+        return commands[args.command](args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

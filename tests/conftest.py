@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mae.data import DATA_DIR_ENV, FASHION_MNIST_DEFAULT
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    """The real dataset; CI installs it (`apt-get install dataset-fashion-mnist`)."""
+    path = Path(os.environ.get(DATA_DIR_ENV, FASHION_MNIST_DEFAULT))
+    if not (path / "train-images-idx3-ubyte.gz").exists() and not (path / "train-images-idx3-ubyte").exists():
+        pytest.fail(f"Fashion-MNIST not found in {path}: run `make test` (installs it) or set ${DATA_DIR_ENV}")
+    return path
+
+
+REPO = Path(__file__).resolve().parents[1]
