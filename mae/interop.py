@@ -82,7 +82,9 @@ _QKV_PARTS = {
 }
 
 _OURS_BLOCK_KEY = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
-_HF_BLOCK_KEY = re.compile(r"^(vit\.layers|vit\.encoder\.layer|decoder\.decoder_layers)\.(\d+)\.(.+)\.(weight|bias)$")
+_HF_BLOCK_KEY = re.compile(
+    r"^(vit\.layers|vit\.encoder\.layer|decoder\.decoder_layers)\.(\d+)\.(.+)\.(weight|bias)$"
+)
 # Encoder-only ViTMAEModel state dicts carry no `vit.` prefix.
 _HF_ENCODER_ROOTS = ("embeddings.", "layers.", "encoder.layer.", "layernorm.")
 

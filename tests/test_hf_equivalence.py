@@ -1,0 +1,274 @@
+"""Our MAE against HuggingFace's ViTMAEForPreTraining: same weights, same numbers.
+
+Equality with an independent implementation checks our blocks, masking, patch order,
+positions and loss at once; the round-trip and strict-load tests check `mae.interop`.
+Weights are randomised (biases, norms, tokens included) so a swapped mapping shows.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEEmbeddings  # noqa: E402
+
+from mae.interop import (  # noqa: E402
+    from_hf_state_dict,
+    hf_config_kwargs,
+    hf_layout_of,
+    to_hf_state_dict,
+)
+from mae.models import build_mae, model_args  # noqa: E402
+
+MASK_RATIO = 0.75
+# (name, overrides): the 1-channel 28 px default and a 3-channel 32 px variant.
+CONFIGS = [
+    ("mae_vit_micro_patch4", {}),
+    ("mae_vit_micro_patch4", {"img_size": 32, "in_chans": 3}),
+]
+CONFIG_IDS = ["1ch28px", "3ch32px"]
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a shared, busy CPU OpenMP's
+    thread hand-offs made these tests 50x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Add noise to every trainable tensor, so no bias is 0, no norm weight 1, no two alike."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # fixed sin-cos positions stay as they are
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _hf_model(args: dict) -> ViTMAEForPreTraining:
+    return ViTMAEForPreTraining(ViTMAEConfig(**hf_config_kwargs(args, mask_ratio=MASK_RATIO))).eval()
+
+
+def _pair(name: str, overrides: dict, norm_pix_loss: bool, seed: int = 0):
+    """Our model with random weights, and HF's with the same weights; both eval, float32."""
+    torch.manual_seed(seed)
+    args = model_args(name, norm_pix_loss=norm_pix_loss, **overrides)
+    ours = build_mae(name, norm_pix_loss=norm_pix_loss, **overrides).eval()
+    _perturb_(ours, seed)
+    hf = _hf_model(args)
+    layout = hf_layout_of(hf.state_dict())
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), layout), strict=True)
+    return ours, hf, layout
+
+
+def _batch(model, batch: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, C, H, W) and masking noise (N, L)."""
+    g = torch.Generator().manual_seed(seed)
+    size = model.patch_embed.img_size[0]
+    imgs = torch.randn(batch, model.in_chans, size, size, generator=g)
+    noise = torch.rand(batch, model.num_patches, generator=g)
+    return imgs, noise
+
+
+def _reference_keys(depth: int, decoder_depth: int) -> set[str]:
+    """The parameter names of facebookresearch/mae's MaskedAutoencoderViT, written out."""
+    block = [
+        f"{m}.{leaf}"
+        for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+        for leaf in ("weight", "bias")
+    ]
+    keys = {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
+    keys |= {
+        f"{m}.{leaf}"
+        for m in ("patch_embed.proj", "norm", "decoder_embed", "decoder_norm", "decoder_pred")
+        for leaf in ("weight", "bias")
+    }
+    keys |= {f"blocks.{i}.{b}" for i in range(depth) for b in block}
+    keys |= {f"decoder_blocks.{i}.{b}" for i in range(decoder_depth) for b in block}
+    return keys
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True], ids=["pix", "normpix"])
+@pytest.mark.parametrize("name,overrides", CONFIGS, ids=CONFIG_IDS)
+def test_forward_matches_hf(name, overrides, norm_pix_loss):
+    ours, hf, _ = _pair(name, overrides, norm_pix_loss)
+    imgs, noise = _batch(ours)
+    with torch.no_grad():
+        loss, pred, mask = ours(imgs, MASK_RATIO, noise)
+        latent, _, ids_restore = ours.forward_encoder(imgs, MASK_RATIO, noise)
+        out = hf(pixel_values=imgs, noise=noise)
+        hf_latent = hf.vit(pixel_values=imgs, noise=noise).last_hidden_state
+
+    # Same visible set and unshuffle order, hence the same mask.
+    torch.testing.assert_close(ids_restore, out.ids_restore, rtol=0, atol=0)
+    torch.testing.assert_close(mask, out.mask.to(mask.dtype), rtol=0, atol=0)
+    assert int(mask.sum()) == imgs.shape[0] * (ours.num_patches - int(ours.num_patches * (1 - MASK_RATIO)))
+    torch.testing.assert_close(latent, hf_latent, **TOL)  # (N, 1 + L_keep, D)
+    torch.testing.assert_close(pred, out.logits, **TOL)  # (N, L, p*p*C)
+    torch.testing.assert_close(loss, out.loss, **TOL)
+
+
+def test_comparison_detects_swapped_qkv_and_masking_order():
+    """The equality above is not vacuous: a q/k swap or reversed noise order shows up."""
+    ours, hf, layout = _pair(*CONFIGS[0], norm_pix_loss=False)
+    imgs, noise = _batch(ours)
+    with torch.no_grad():
+        _, pred, mask = ours(imgs, MASK_RATIO, noise)
+
+        hf_state = to_hf_state_dict(ours.state_dict(), layout)
+        q, k = ("q_proj", "k_proj") if layout == "v5" else ("attention.query", "attention.key")
+        swapped = {}
+        for key, value in hf_state.items():
+            if q in key:
+                key = key.replace(q, k)
+            elif k in key:
+                key = key.replace(k, q)
+            swapped[key] = value
+        hf.load_state_dict(swapped, strict=True)
+        assert not torch.allclose(hf(pixel_values=imgs, noise=noise).logits, pred, **TOL)
+
+        hf.load_state_dict(hf_state, strict=True)
+        flipped_mask = hf(pixel_values=imgs, noise=1.0 - noise).mask  # keep the highest instead
+        assert not torch.equal(flipped_mask.to(mask.dtype), mask)
+
+
+@pytest.mark.parametrize("name,overrides", CONFIGS, ids=CONFIG_IDS)
+def test_hf_sincos_positions_equal_ours(name, overrides):
+    """HF's own sin-cos initialisation gives our pos_embed and decoder_pos_embed exactly.
+
+    The modules are initialised directly: in transformers 5.24 a freshly built
+    ViTMAEForPreTraining leaves both tables zero (its model-level init skips them).
+    """
+    ours = build_mae(name, **overrides)
+    config = ViTMAEConfig(**hf_config_kwargs(model_args(name, **overrides)))
+    embeddings = ViTMAEEmbeddings(config)
+    embeddings.initialize_weights()
+    decoder = ViTMAEDecoder(config, num_patches=ours.num_patches)  # initialises itself
+
+    torch.testing.assert_close(embeddings.position_embeddings, ours.pos_embed, rtol=0, atol=1e-7)
+    torch.testing.assert_close(decoder.decoder_pos_embed, ours.decoder_pos_embed, rtol=0, atol=1e-7)
+    # A layout with rows and columns exchanged (halves swapped) would not pass.
+    half = ours.pos_embed.shape[-1] // 2
+    swapped = torch.cat([ours.pos_embed[..., half:], ours.pos_embed[..., :half]], dim=-1)
+    assert not torch.allclose(embeddings.position_embeddings, swapped, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["v5", "v4"])
+def test_round_trips_are_exact(layout):
+    name, overrides = CONFIGS[1]
+    ours = build_mae(name, **overrides)
+    _perturb_(ours, seed=2)
+    state = ours.state_dict()
+
+    hf_state = to_hf_state_dict(state, layout)
+    assert hf_layout_of(hf_state) == layout
+    back = from_hf_state_dict(hf_state)
+    assert list(back) != [] and set(back) == set(state)
+    for key in state:
+        assert torch.equal(back[key], state[key]), key
+
+    again = to_hf_state_dict(back, layout)
+    assert set(again) == set(hf_state)
+    for key in hf_state:
+        assert torch.equal(again[key], hf_state[key]), key
+
+
+def test_hf_weights_load_strictly_into_ours_and_back():
+    """HF -> ours gives exactly the reference names (strict load); ours -> HF loads strictly."""
+    name, overrides = CONFIGS[1]
+    args = model_args(name, **overrides)
+    hf = _hf_model(args)
+    _perturb_(hf, seed=3)
+    hf_state = hf.state_dict()
+
+    state = from_hf_state_dict(hf_state)
+    assert set(state) == _reference_keys(args["depth"], args["decoder_depth"])
+    ours = build_mae(name, **overrides).eval()
+    ours.load_state_dict(state, strict=True)
+
+    hf_again = _hf_model(args)
+    hf_again.load_state_dict(to_hf_state_dict(ours.state_dict(), hf_layout_of(hf_state)), strict=True)
+    for key, value in hf_state.items():
+        assert torch.equal(hf_again.state_dict()[key], value), key
+
+    imgs, noise = _batch(ours)
+    with torch.no_grad():
+        pred = ours(imgs, MASK_RATIO, noise)[1]
+        torch.testing.assert_close(pred, hf(pixel_values=imgs, noise=noise).logits, **TOL)
+
+
+def test_v4_layout_is_what_hf_reads_from_checkpoint_files(tmp_path):
+    """A checkpoint file in the "v4" names loads through HF's from_pretrained, nothing missing."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    name, overrides = CONFIGS[1]
+    ours, hf, _ = _pair(name, overrides, norm_pix_loss=True, seed=4)
+    hf.config.save_pretrained(tmp_path)
+    v4 = {k: v.contiguous() for k, v in to_hf_state_dict(ours.state_dict(), "v4").items()}
+    safetensors_torch.save_file(v4, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+
+    loaded, info = ViTMAEForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    imgs, noise = _batch(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.eval()(pixel_values=imgs, noise=noise).logits, ours(imgs, MASK_RATIO, noise)[1], **TOL
+        )
+    assert set(from_hf_state_dict(v4)) == set(ours.state_dict())
+
+
+def test_encoder_only_states_map_both_ways():
+    ours = build_mae(CONFIGS[0][0])
+    encoder = ours.encoder_state_dict()
+    hf_encoder = to_hf_state_dict(encoder)
+    assert all(k.startswith("vit.") for k in hf_encoder)
+    # ViTMAEModel (no pretraining head) saves its keys without the `vit.` prefix.
+    bare = {k.removeprefix("vit."): v for k, v in hf_encoder.items()}
+    assert set(from_hf_state_dict(bare)) == set(encoder)
+
+
+def test_bad_inputs_raise_with_a_message():
+    ours = build_mae(CONFIGS[0][0])
+    with pytest.raises(ValueError, match="head.weight"):
+        to_hf_state_dict({**ours.state_dict(), "head.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="layout"):
+        to_hf_state_dict(ours.state_dict(), layout="v3")
+    hf_state = to_hf_state_dict(ours.state_dict())
+    del hf_state["vit.layers.0.attention.k_proj.weight"]
+    with pytest.raises(ValueError, match="key"):
+        from_hf_state_dict(hf_state)
+    with pytest.raises(ValueError, match="unknown model arguments"):
+        hf_config_kwargs({"embed_dims": 8})
+
+
+def test_hf_config_carries_the_reference_choices():
+    kwargs = hf_config_kwargs(model_args("mae_vit_base_patch16", norm_pix_loss=True), mask_ratio=0.6)
+    assert kwargs["layer_norm_eps"] == 1e-6  # HF's default 1e-12 is not the reference's
+    assert kwargs["intermediate_size"] == 3072 and kwargs["decoder_intermediate_size"] == 2048
+    assert kwargs["norm_pix_loss"] is True and kwargs["mask_ratio"] == 0.6
+    assert kwargs["hidden_act"] == "gelu" and kwargs["qkv_bias"] is True
+    ViTMAEConfig(**kwargs)  # every key is one HF accepts
+    narrow = hf_config_kwargs({"embed_dim": 64, "decoder_embed_dim": 32, "mlp_ratio": 2.0})
+    assert narrow["intermediate_size"] == 128 and narrow["decoder_intermediate_size"] == 64
+
+
+def test_train_step_benchmark_smoke(tmp_path):
+    """The benchmark script runs end to end and writes its JSON (tiny sizes)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--model", "mae_vit_micro_patch4", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                "--device", "cpu", "--threads", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"ours", "hf"}
+    assert result["results"]["ours"]["median_ms"] > 0 and result["ratio_ours_over_hf"] > 0
+    assert result["losses_match"] is True
