@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import pytest
+
+from mae.config import ConfigError, absolute_lr, flatten, load_config, replace
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("override,key", [
+    ("mask.ratio=1.0", "mask.ratio"),
+    ("mask.ratio=0", "mask.ratio"),
+    ("mask.ratio=-0.2", "mask.ratio"),
+    ("model.img_size=30", "model.img_size"),
+    ("model.name=mae_vit_gigantic", "model.name"),
+    ("model.decoder_dpeth=2", "model.decoder_dpeth"),
+    ("trian.epochs=2", "trian"),
+    ("train.epochs=two", "train.epochs"),
+    ("mask.strategy=checkerboard", "mask.strategy"),
+    ("data.dataset=cifar", "data.dataset"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  decoder_depth: 2\nmask:\n  ratio: 0.6\noptim:\n  base_lr: 1e-3\n")
+    cfg = load_config(path, ["mask.ratio=0.5", "train.batch_size=64"])
+    assert cfg.name == "exp"
+    assert (cfg.model.decoder_depth, cfg.mask.ratio, cfg.optim.base_lr) == (2, 0.5, 1e-3)
+    flat = flatten(cfg)
+    assert flat["mask.ratio"] == 0.5 and flat["model.decoder_depth"] == 2
+    assert replace(cfg, {"mask.ratio": 0.9}).mask.ratio == 0.9
+    with pytest.raises(ConfigError, match="mask.ratio"):
+        replace(cfg, {"mask.ratio": 1.0})
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  nmae: mae_vit_micro_patch4\n")
+    with pytest.raises(ConfigError, match=r"model\.nmae"):
+        load_config(path)
+
+
+def test_lr_scales_with_effective_batch():
+    cfg = load_config(None, ["optim.base_lr=1.5e-4", "train.batch_size=512", "train.accum_iter=2"])
+    assert absolute_lr(cfg, world_size=4) == pytest.approx(1.5e-4 * 512 * 2 * 4 / 256)
+    assert absolute_lr(load_config(None, ["optim.lr=0.01"])) == 0.01
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_file_loads(path):
+    load_config(path)
+
+
+def test_cli_rejects_bad_value_before_doing_anything(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mae", "pretrain", "--config", str(REPO / "experiments/smoke.yaml"),
+         "--set", "mask.ratio=1.0", "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "mask.ratio" in proc.stderr and "(0, 1)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()

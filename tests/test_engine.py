@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+
+from mae.checkpoint import CheckpointError, checkpoint_folders, load_checkpoint
+from mae.config import load_config
+from mae.engine import NonFiniteLossError, PretrainCallback, build_model, load_model, pretrain
+from mae.optim import cosine_lr, param_groups
+from tests.conftest import REPO
+
+SMOKE = REPO / "experiments" / "smoke.yaml"
+
+
+def smoke_cfg(fashion_mnist_dir, *extra):
+    return load_config(SMOKE, [f"data.data_dir={fashion_mnist_dir}", "data.train_subset=256",
+                               "train.batch_size=32", "train.max_steps_per_epoch=4", *extra])
+
+
+def test_cosine_schedule_shape():
+    lrs = [cosine_lr(s, 100, 10, 1.0, 0.1) for s in range(101)]
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[100] == pytest.approx(0.1) and lrs[55] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_no_weight_decay_on_norms_biases_tokens():
+    m = build_model(load_config())
+    decay, no_decay = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert {names[id(p)] for p in decay["params"]} >= {"blocks.0.attn.qkv.weight", "decoder_pred.weight"}
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.05
+    assert "pos_embed" not in no_decay_names | {names[id(p)] for p in decay["params"]}
+
+
+def test_resume_gives_the_same_result(tmp_path, fashion_mnist_dir):
+    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=3")
+    straight = pretrain(cfg, tmp_path / "straight")
+
+    # 1 epoch, stop, then resume the same run for the remaining 2
+    with pytest.raises(Interrupted):
+        pretrain(cfg, tmp_path / "resumed", callback=StopAfter(1))
+    assert [p.name for p in checkpoint_folders(tmp_path / "resumed")] == ["checkpoint-0001"]
+    rest = pretrain(cfg, tmp_path / "resumed")
+    assert [e["epoch"] for e in rest.epochs] == [2, 3]
+
+    a = load_checkpoint(straight.checkpoint_dir)
+    b = load_checkpoint(rest.checkpoint_dir)
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
+    assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]],
+                                                                     rel=1e-6)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAfter(PretrainCallback):
+    """Simulates an interruption: raises after the given epoch's checkpoint is written."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_epoch_end(self, metrics, checkpoint_dir):
+        if metrics["epoch"] == self.epochs:
+            raise Interrupted(metrics["epoch"])
+
+
+def test_interrupted_run_keeps_its_checkpoint(tmp_path, fashion_mnist_dir):
+    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=3")
+    with pytest.raises(Interrupted):
+        pretrain(cfg, tmp_path / "run", callback=StopAfter(2))
+    assert [p.name for p in checkpoint_folders(tmp_path / "run")] == ["checkpoint-0001", "checkpoint-0002"]
+    model, loaded_cfg = load_model(tmp_path / "run" / "checkpoint-0002")
+    assert loaded_cfg == cfg
+
+
+def test_callback_sees_every_epoch_and_loss_falls(tmp_path, fashion_mnist_dir):
+    seen = []
+
+    class Record(PretrainCallback):
+        def on_epoch_end(self, metrics, checkpoint_dir):
+            seen.append((metrics["epoch"], checkpoint_dir is not None, metrics["train_loss"]))
+
+    pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=3", "train.checkpoint_every=2"), tmp_path, Record())
+    assert [(e, c) for e, c, _ in seen] == [(1, False), (2, True), (3, True)]
+    assert all(math.isfinite(loss) for *_, loss in seen)
+
+
+def test_non_finite_loss_raises_clear_error(tmp_path, monkeypatch, fashion_mnist_dir):
+    import mae.engine
+
+    real = mae.engine.build_dataset
+
+    def poisoned(*args, **kwargs):
+        ds = real(*args, **kwargs)
+        ds.transform = lambda img: torch.full(img.shape, float("nan"))
+        return ds
+
+    monkeypatch.setattr(mae.engine, "build_dataset", poisoned)
+    with pytest.raises(NonFiniteLossError, match="optim.base_lr"):
+        pretrain(smoke_cfg(fashion_mnist_dir, "train.log_every=1"), tmp_path)
+
+
+def test_truncated_checkpoint_fails_clearly_and_keeps_older_ones(tmp_path, fashion_mnist_dir):
+    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=2")
+    pretrain(cfg, tmp_path)
+    newest = tmp_path / "checkpoint-0002" / "checkpoint.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(newest.parent)
+    with pytest.raises(CheckpointError, match="delete it"):
+        pretrain(load_config(SMOKE, [f"data.data_dir={fashion_mnist_dir}", "data.train_subset=256",
+                                     "train.batch_size=32", "train.max_steps_per_epoch=4",
+                                     "train.epochs=3"]), tmp_path)
+    assert (tmp_path / "checkpoint-0001" / "checkpoint.pt").is_file()
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_batch_larger_than_dataset_is_a_clear_error(tmp_path, fashion_mnist_dir):
+    with pytest.raises(ValueError, match="train.batch_size"):
+        pretrain(smoke_cfg(fashion_mnist_dir, "train.batch_size=512"), tmp_path)
