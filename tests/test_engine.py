@@ -134,3 +134,18 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 def test_batch_larger_than_dataset_is_a_clear_error(tmp_path, fashion_mnist_dir):
     with pytest.raises(ValueError, match="train.batch_size"):
         pretrain(smoke_cfg(fashion_mnist_dir, "train.batch_size=512"), tmp_path)
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path, fashion_mnist_dir):
+    # two micro-batches of 32 accumulated == one batch of 64: same images (synthetic data has
+    # no random augmentation), same masks (the noise stream is drawn in the same order), and
+    # every sample masks the same number of patches, so the mean of the means is the mean
+    synthetic = ["data.dataset=synthetic", "data.synthetic_size=256", "train.epochs=1",
+                 "train.max_steps_per_epoch=2"]
+    big = smoke_cfg(fashion_mnist_dir, *synthetic, "train.batch_size=64")
+    small = smoke_cfg(fashion_mnist_dir, *synthetic, "train.batch_size=32", "train.accum_iter=2")
+    a = load_checkpoint(pretrain(big, tmp_path / "big").checkpoint_dir)
+    b = load_checkpoint(pretrain(small, tmp_path / "small").checkpoint_dir)
+    assert a["step"] == b["step"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
