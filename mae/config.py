@@ -93,7 +93,37 @@ class ProbeConfig:
     weight_decay: float = 0.0
     warmup_epochs: float = 10.0
     optimizer: str = "lars"  # lars | sgd
+    augment: bool = True  # RandomResizedCrop + flip on the probe's training images, as the paper
     train_subset: int | None = None
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """End-to-end fine-tuning, the paper's recipe (He et al. 2021, Appendix A.3, Table 9).
+
+    Defaults are the paper's ViT-B/L values except the batch (1024 there) and RandAugment /
+    random erasing, which are not applied (timm's Mixup/CutMix and label smoothing are).
+    """
+
+    epochs: int = 100  # the paper: 100 for ViT-B, 50 for ViT-L/H
+    batch_size: int = 256  # per process
+    base_lr: float = 1.0e-3  # per 256 images; lr = base_lr * effective_batch / 256
+    min_lr: float = 1.0e-6
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    layer_decay: float = 0.75  # lr scale layer_decay ** (depth + 1 - layer_id)
+    warmup_epochs: float = 5.0
+    drop_path: float = 0.1  # stochastic depth rate of the last block
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # Beta(alpha, alpha) of mixup; 0 turns it off
+    cutmix: float = 1.0  # Beta(alpha, alpha) of cutmix; 0 turns it off
+    mixup_prob: float = 1.0  # chance that a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # chance of cutmix rather than mixup when both are on
+    clip_grad: float | None = None
+    global_pool: str = "avg"  # avg (patch-token mean + fc_norm, the paper's) | token (cls)
+    train_subset: int | None = None  # first K training images, for quick runs
+    test_subset: int | None = None  # first K test images; None: the whole test split
 
 
 @dataclass(frozen=True)
@@ -122,6 +152,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
@@ -317,6 +348,26 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.probe.pool in ("cls", "avg"), "probe.pool", f"must be 'cls' or 'avg', got {cfg.probe.pool!r}")
     require(cfg.probe.optimizer in ("lars", "sgd"), "probe.optimizer", "must be 'lars' or 'sgd'")
     require(cfg.probe.quick_train_size >= 10, "probe.quick_train_size", "must be >= 10")
+    f = cfg.finetune
+    require(f.epochs >= 1, "finetune.epochs", f"must be >= 1, got {f.epochs}")
+    require(f.batch_size >= 2 and f.batch_size % 2 == 0, "finetune.batch_size",
+            f"must be even and >= 2 (mixup pairs images), got {f.batch_size}")
+    require(f.base_lr > 0, "finetune.base_lr", "must be positive")
+    require(f.min_lr >= 0, "finetune.min_lr", "must be >= 0")
+    require(f.weight_decay >= 0, "finetune.weight_decay", "must be >= 0")
+    require(0 <= f.beta1 < 1 and 0 <= f.beta2 < 1, "finetune.beta1/beta2", "must be in [0, 1)")
+    require(0 < f.layer_decay <= 1, "finetune.layer_decay", f"must be in (0, 1], got {f.layer_decay}")
+    require(f.warmup_epochs >= 0, "finetune.warmup_epochs", "must be >= 0")
+    require(0 <= f.drop_path < 1, "finetune.drop_path", f"must be in [0, 1), got {f.drop_path}")
+    require(0 <= f.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
+    require(f.mixup >= 0 and f.cutmix >= 0, "finetune.mixup/cutmix", "must be >= 0 (0 turns it off)")
+    require(0 <= f.mixup_prob <= 1 and 0 <= f.mixup_switch_prob <= 1, "finetune.mixup_prob/mixup_switch_prob",
+            "must be in [0, 1]")
+    require(f.clip_grad is None or f.clip_grad > 0, "finetune.clip_grad", "must be positive")
+    require(f.global_pool in ("avg", "token"), "finetune.global_pool",
+            f"must be 'avg' or 'token', got {f.global_pool!r}")
+    require(f.train_subset is None or f.train_subset > 0, "finetune.train_subset", "must be positive")
+    require(f.test_subset is None or f.test_subset > 0, "finetune.test_subset", "must be positive")
     require(cfg.sweep.search in ("grid", "optuna"), "sweep.search", "must be 'grid' or 'optuna'")
     require(cfg.sweep.mode in ("max", "min"), "sweep.mode", "must be 'max' or 'min'")
     require(cfg.sweep.scheduler in ("none", "asha"), "sweep.scheduler", "must be 'none' or 'asha'")

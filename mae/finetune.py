@@ -1,0 +1,268 @@
+"""End-to-end fine-tuning of an MAE encoder as a classifier (He et al. 2021, Appendix A.3).
+
+The classifier is timm's `VisionTransformer` built to the encoder's shape (width, depth,
+heads, patch, image size, channels), so our encoder's parameter names load as they are
+(`patch_embed`, `cls_token`, `pos_embed`, `blocks.*`). As in the reference fine-tuning
+code: average pooling over the patch tokens followed by a fresh LayerNorm (`fc_norm`; the
+pretrained final `norm` is not used then), a linear head initialised near zero
+(std 2e-5), position embeddings that start from the pretrained (sin-cos) ones and are
+trained, and the recipe of the paper's Table 9: AdamW, layer-wise lr decay (timm's
+`param_groups_layer_decay`), cosine schedule with warm-up, drop path, label smoothing,
+mixup/cutmix (timm's `Mixup` with `SoftTargetCrossEntropy`). RandAugment and random
+erasing are not applied: the training images get the pretraining augmentation
+(RandomResizedCrop + flip). Top-1 is measured on the test split after every epoch.
+
+`finetune(cfg, weights)` starts from pretrained weights (a model, a state dict or a
+checkpoint path of ours or another tool's: see `mae.pretrained`);
+`finetune(cfg, from_scratch=True)` runs the same schedule from a random initialisation,
+the baseline that says whether pretraining helped. Runs under DDP when torch.distributed
+is initialised (Ray Train does that), like the pretraining engine.
+
+Symbols: N batch, K classes, D encoder width.
+"""
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_layer_decay
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from mae.checkpoint import CheckpointError
+from mae.config import ExperimentConfig, resolved_model_args
+from mae.data import build_dataset, collate_skip_none
+from mae.engine import seed_everything, select_device
+from mae.models import MaskedAutoencoderViT
+from mae.models.pos_embed import sincos_2d
+from mae.optim import cosine_lr, set_lr
+from mae.pretrained import check_compatible, encoder_state, fit_pos_embed
+from mae.probe import num_classes
+
+log = logging.getLogger(__name__)
+
+Weights = MaskedAutoencoderViT | dict[str, torch.Tensor] | str | os.PathLike
+
+
+def build_classifier(cfg: ExperimentConfig, classes: int) -> VisionTransformer:
+    """timm's ViT with the configured MAE encoder's shape and a `classes`-way head, randomly initialised.
+
+    Position embeddings start as the fixed 2-D sin-cos ones of pretraining (they are
+    learned from there), so a from-scratch model differs from a pretrained one only in
+    what pretraining learns.
+    """
+    args = resolved_model_args(cfg)
+    f = cfg.finetune
+    model = VisionTransformer(
+        img_size=args["img_size"], patch_size=args["patch_size"], in_chans=args["in_chans"],
+        num_classes=classes, global_pool=f.global_pool, embed_dim=args["embed_dim"], depth=args["depth"],
+        num_heads=args["num_heads"], mlp_ratio=args.get("mlp_ratio", 4.0), qkv_bias=True,
+        drop_path_rate=f.drop_path, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
+    grid = args["img_size"] // args["patch_size"]
+    with torch.no_grad():
+        model.pos_embed.copy_(sincos_2d(args["embed_dim"], grid).unsqueeze(0))  # (1, 1 + L, D)
+        nn.init.trunc_normal_(model.head.weight, std=2e-5)  # as the reference: start near zero
+        nn.init.zeros_(model.head.bias)
+    return model
+
+
+def load_pretrained(model: VisionTransformer, weights: Weights) -> VisionTransformer:
+    """Load MAE encoder weights into the classifier; head (and fc_norm when avg-pooling) stay fresh.
+
+    Position embeddings are interpolated when the weights were pretrained at another
+    image size. Raises CheckpointError when the encoder's shape differs from the model's.
+    """
+    if isinstance(weights, MaskedAutoencoderViT):
+        weights = weights.encoder_state_dict()
+    state = encoder_state(weights)
+    grid = model.patch_embed.grid_size[0]
+    check_compatible(state, model.embed_dim, len(model.blocks), model.patch_embed.patch_size[0], model.in_chans)
+    state = fit_pos_embed(state, grid)
+    fresh = {"head.weight", "head.bias"}
+    if isinstance(model.norm, nn.Identity):  # avg pooling: fc_norm replaces the pretrained norm
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        fresh |= {"fc_norm.weight", "fc_norm.bias"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != fresh or unexpected:
+        raise CheckpointError(
+            f"encoder weights do not fit the classifier: missing {sorted(set(missing) - fresh)[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return model
+
+
+def optimizer_for(model: VisionTransformer, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW over layer-wise lr-decayed groups: block i gets lr * layer_decay ** (depth - i)."""
+    f = cfg.finetune
+    groups = param_groups_layer_decay(model, weight_decay=f.weight_decay,
+                                      no_weight_decay_list=model.no_weight_decay(), layer_decay=f.layer_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=(f.beta1, f.beta2))
+
+
+def peak_lr(cfg: ExperimentConfig, world_size: int = 1) -> float:
+    """lr = base_lr * effective batch / 256, the paper's scaling rule."""
+    return cfg.finetune.base_lr * cfg.finetune.batch_size * world_size / 256
+
+
+@dataclass
+class FinetuneResult:
+    top1: float  # test top-1 after the last epoch
+    best_top1: float  # highest test top-1 over the epochs
+    init: str  # "pretrained" | "scratch"
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_sec: float = 0.0
+    model: VisionTransformer | None = None  # the fine-tuned classifier (unwrapped)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 over the loader (summed over ranks under DDP)."""
+    model.eval()
+    counts = torch.zeros(2, device=device)  # correct, total
+    for imgs, y in loader:
+        logits = model(imgs.to(device))  # (N, K)
+        counts[0] += (logits.argmax(1) == y.to(device)).sum()
+        counts[1] += len(y)
+    _, world_size = _world()
+    if world_size > 1:
+        dist.all_reduce(counts)
+    return (counts[0] / counts[1].clamp_min(1)).item()
+
+
+def finetune(
+    cfg: ExperimentConfig, weights: Weights | None = None, from_scratch: bool = False,
+    device: torch.device | str | None = None, progress: bool = True,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune end to end as `cfg.finetune` says; top-1 on the test split after each epoch.
+
+    weights: the pretrained encoder (our MAE, a state dict or a checkpoint path, ours or
+    another tool's); from_scratch=True instead trains the same classifier from random
+    weights. on_epoch_end receives each epoch's metrics (every rank).
+    """
+    if (weights is None) != from_scratch:
+        raise ValueError("pass pretrained weights, or from_scratch=True for the random-init baseline (not both)")
+    t0 = time.perf_counter()
+    f = cfg.finetune
+    rank, world_size = _world()
+    device = torch.device(device) if device is not None else select_device(cfg.train.device)
+    seed_everything(cfg.train.seed + rank)
+
+    train = build_dataset(cfg, "train", augment=True, subset=f.train_subset)
+    test = build_dataset(cfg, "test", augment=False, subset=f.test_subset)
+    if len(train) // world_size < f.batch_size:
+        raise ValueError(f"finetune.batch_size {f.batch_size} exceeds the {len(train) // world_size} training "
+                         "images per process; lower it or raise finetune.train_subset")
+    sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed,
+                                 drop_last=True)
+    train_loader = DataLoader(train, batch_size=f.batch_size, sampler=sampler, drop_last=True,
+                              num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                              collate_fn=collate_skip_none)
+    test_sampler = DistributedSampler(test, num_replicas=world_size, rank=rank, shuffle=False)
+    test_loader = DataLoader(test, batch_size=max(f.batch_size, 256), sampler=test_sampler,
+                             collate_fn=collate_skip_none)
+    classes = num_classes(train)
+
+    model = build_classifier(cfg, classes)
+    if not from_scratch:
+        load_pretrained(model, weights)
+    model.to(device)
+    lr_peak = peak_lr(cfg, world_size)
+    optimizer = optimizer_for(model, cfg, lr_peak)
+    train_model: nn.Module = model
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    mixup = None
+    if (f.mixup > 0 or f.cutmix > 0) and f.mixup_prob > 0:
+        mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob,
+                      switch_prob=f.mixup_switch_prob, mode="batch", label_smoothing=f.label_smoothing,
+                      num_classes=classes)
+        criterion: nn.Module = SoftTargetCrossEntropy()  # mixup makes soft (already smoothed) targets
+    elif f.label_smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=f.label_smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if device.type == "cuda" else contextlib.nullcontext())
+
+    steps_per_epoch = len(train_loader)
+    total, warmup = f.epochs * steps_per_epoch, int(round(f.warmup_epochs * steps_per_epoch))
+    result = FinetuneResult(top1=0.0, best_top1=0.0, init="scratch" if from_scratch else "pretrained")
+    step, images, train_time = 0, 0, 0.0
+    for epoch in range(f.epochs):
+        sampler.set_epoch(epoch)
+        train_model.train()
+        t_epoch = time.perf_counter()
+        loss_sum, n_batches, n_images = torch.zeros((), device=device), 0, 0
+        for imgs, y in tqdm(train_loader, desc=f"finetune {epoch + 1}/{f.epochs}", leave=False,
+                            disable=not (progress and rank == 0)):
+            lr = cosine_lr(step, total, warmup, lr_peak, f.min_lr)
+            set_lr(optimizer, lr)  # each group's lr_scale carries its layer decay
+            imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if len(y) % 2:  # a skipped (unreadable) image left an odd batch; mixup pairs images
+                imgs, y = imgs[:-1], y[:-1]
+            if mixup is not None:
+                imgs, y = mixup(imgs, y)  # y: (N, K) soft targets
+            with autocast:
+                loss = criterion(train_model(imgs), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if f.clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
+            optimizer.step()
+            loss_sum += loss.detach()
+            n_batches += 1
+            n_images += len(y)
+            step += 1
+        epoch_time = time.perf_counter() - t_epoch
+        train_time += epoch_time
+        train_loss = loss_sum.item() / max(1, n_batches)  # one host sync per epoch
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"fine-tuning loss became {train_loss} in epoch {epoch + 1}; lower "
+                                     "finetune.base_lr, set finetune.clip_grad or lengthen finetune.warmup_epochs")
+        images += n_images * world_size
+        top1 = evaluate(model, test_loader, device)
+        metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "lr": lr,
+                   "test_top1": top1, "epoch_time_s": epoch_time,
+                   "images_per_sec": n_images * world_size / epoch_time}
+        result.epochs.append(metrics)
+        log.info("finetune epoch %d/%d loss %.4f test top-1 %.4f", epoch + 1, f.epochs, metrics["train_loss"], top1)
+        if on_epoch_end is not None:
+            on_epoch_end(dict(metrics))
+
+    result.top1 = result.epochs[-1]["test_top1"]
+    result.best_top1 = max(e["test_top1"] for e in result.epochs)
+    result.seconds = time.perf_counter() - t0
+    result.images_per_sec = images / train_time if train_time > 0 else 0.0
+    result.model = model
+    return result
+
+
+def finetune_summary(result: FinetuneResult) -> dict[str, Any]:
+    """The scalar results, for a table row."""
+    return {"top1": result.top1, "best_top1": result.best_top1, "init": result.init,
+            "epochs_completed": len(result.epochs), "seconds": result.seconds,
+            "images_per_sec": result.images_per_sec,
+            "final_train_loss": result.epochs[-1]["train_loss"] if result.epochs else math.nan}

@@ -1,0 +1,184 @@
+"""Fine-tuning (mae.finetune) and encoder weights from other tools (mae.pretrained).
+
+Synthetic state dicts stand in for published checkpoints: the reference's encoder-only
+and full releases are our state dicts under {"model": ...}; HF's are ours through
+mae.interop.to_hf_state_dict, in both HF layouts.
+"""
+
+import math
+
+import pytest
+import torch
+
+from mae.checkpoint import CheckpointError
+from mae.config import ConfigError, load_config
+from mae.engine import build_model
+from mae.finetune import build_classifier, finetune, load_pretrained, optimizer_for, peak_lr
+from mae.interop import to_hf_state_dict
+from mae.models import build_mae
+from mae.models.pos_embed import interpolate_pos_embed
+from mae.optim import set_lr
+from mae.pretrained import encoder_state, load_encoder
+
+from conftest import REPO
+
+SMOKE = str(REPO / "experiments" / "smoke.yaml")
+TINY_FINETUNE = [
+    "finetune.epochs=1", "finetune.batch_size=32", "finetune.train_subset=128", "finetune.test_subset=100",
+    "finetune.warmup_epochs=0.25",
+]
+
+
+def _cfg(*overrides: str):
+    return load_config(SMOKE, [*TINY_FINETUNE, *overrides])
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    torch.manual_seed(0)
+    model = build_mae("mae_vit_micro_patch4")
+    with torch.no_grad():  # make the weights distinctive: a loader that drops one shows up
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _same_encoder(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# -- loading weights from other tools --------------------------------------------------
+
+
+def test_reference_checkpoints_encoder_only_and_full_load(pretrained, tmp_path):
+    ours = pretrained.encoder_state_dict()
+    assert not any(k.startswith(("decoder", "mask_token")) for k in ours)
+    encoder_only, full = tmp_path / "mae_pretrain_vit_micro.pth", tmp_path / "mae_visualize_vit_micro.pth"
+    torch.save({"model": ours}, encoder_only)  # the reference's encoder-only release layout
+    torch.save({"model": pretrained.state_dict(), "epoch": 799}, full)
+    for path in (encoder_only, full):
+        _same_encoder(encoder_state(path), ours)
+        fresh = load_encoder(build_mae("mae_vit_micro_patch4"), path)
+        _same_encoder(fresh.encoder_state_dict(), ours)
+
+
+@pytest.mark.parametrize("layout", ["v4", "v5"])
+def test_hf_state_dicts_load_full_and_encoder_only(pretrained, layout):
+    hf = to_hf_state_dict(pretrained.state_dict(), layout=layout)
+    _same_encoder(encoder_state(hf), pretrained.encoder_state_dict())
+    encoder_only = {k.removeprefix("vit."): v for k, v in hf.items() if k.startswith("vit.")}  # ViTMAEModel
+    _same_encoder(encoder_state(encoder_only), pretrained.encoder_state_dict())
+
+
+def test_hf_safetensors_folder_loads(pretrained, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    hf = {k: v.contiguous() for k, v in to_hf_state_dict(pretrained.state_dict(), layout="v4").items()}
+    safetensors.save_file(hf, str(tmp_path / "model.safetensors"))
+    _same_encoder(encoder_state(tmp_path), pretrained.encoder_state_dict())
+
+
+def test_reference_finetuned_checkpoint_fc_norm_stands_in_for_norm(pretrained):
+    state = {k: v for k, v in pretrained.encoder_state_dict().items() if not k.startswith("norm.")}
+    state["fc_norm.weight"] = torch.full((96,), 2.0)
+    state["fc_norm.bias"] = torch.full((96,), 0.5)
+    state["head.weight"], state["head.bias"] = torch.zeros(1000, 96), torch.zeros(1000)
+    enc = encoder_state({"model": state})
+    assert "head.weight" not in enc and "fc_norm.weight" not in enc
+    assert torch.equal(enc["norm.weight"], state["fc_norm.weight"])
+
+
+def test_position_embeddings_are_interpolated_to_another_image_size(pretrained):
+    model = build_mae("mae_vit_micro_patch4", img_size=32, in_chans=1)  # 8x8 grid, the checkpoint 7x7
+    load_encoder(model, pretrained.encoder_state_dict())
+    assert model.pos_embed.shape == (1, 1 + 64, 96)
+    torch.testing.assert_close(model.pos_embed.data, interpolate_pos_embed(pretrained.pos_embed.data, 8))
+    torch.testing.assert_close(model.blocks[2].attn.qkv.weight, pretrained.blocks[2].attn.qkv.weight)
+    cfg = _cfg("model.img_size=32")
+    clf = load_pretrained(build_classifier(cfg, 10), pretrained)
+    torch.testing.assert_close(clf.pos_embed.data, model.pos_embed.data)
+
+
+def test_an_encoder_of_another_shape_is_refused_with_the_reason(pretrained):
+    with pytest.raises(CheckpointError, match="embed_dim 96 .model: 192"):
+        load_encoder(build_mae("mae_vit_tiny_patch4"), pretrained.encoder_state_dict())
+    with pytest.raises(CheckpointError, match="no MAE encoder weights"):
+        encoder_state({"model": {"foo.weight": torch.zeros(2)}})
+
+
+# -- the classifier ---------------------------------------------------------------------
+
+
+def test_classifier_with_token_pool_computes_our_encoder_features(pretrained):
+    """Same names, same blocks: timm's ViT (cls pooling) gives our encoder's cls feature."""
+    clf = load_pretrained(build_classifier(_cfg("finetune.global_pool=token"), 10), pretrained).eval()
+    imgs = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        ours = pretrained.forward_features(imgs, pool="cls")  # (N, D)
+        theirs = clf.forward_head(clf.forward_features(imgs), pre_logits=True)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_with_avg_pool_starts_fc_norm_and_head_fresh(pretrained):
+    clf = load_pretrained(build_classifier(_cfg(), 10), pretrained)
+    assert isinstance(clf.norm, torch.nn.Identity)
+    assert torch.equal(clf.fc_norm.weight, torch.ones(96)) and torch.equal(clf.fc_norm.bias, torch.zeros(96))
+    assert clf.head.weight.abs().max() < 1e-3  # trunc-normal std 2e-5, as the reference
+    torch.testing.assert_close(clf.blocks[3].mlp.fc2.weight, pretrained.blocks[3].mlp.fc2.weight)
+
+
+def test_layer_wise_lr_decay_scales_each_block(pretrained):
+    cfg = _cfg("finetune.layer_decay=0.5")
+    clf = build_classifier(cfg, 10)
+    optimizer = optimizer_for(clf, cfg, lr=1.0)
+    set_lr(optimizer, 1.0)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    depth = len(clf.blocks)  # 4
+    assert lr_of[id(clf.patch_embed.proj.weight)] == 0.5 ** (depth + 1)
+    for i, block in enumerate(clf.blocks):
+        assert lr_of[id(block.attn.qkv.weight)] == 0.5 ** (depth - i)
+    assert lr_of[id(clf.head.weight)] == 1.0
+    assert decay_of[id(clf.head.weight)] == cfg.finetune.weight_decay
+    assert decay_of[id(clf.pos_embed)] == 0.0 and decay_of[id(clf.blocks[0].norm1.weight)] == 0.0
+    assert peak_lr(cfg, world_size=2) == cfg.finetune.base_lr * 32 * 2 / 256
+
+
+def test_finetune_config_is_checked():
+    with pytest.raises(ConfigError, match="finetune.batch_size"):
+        load_config(SMOKE, ["finetune.batch_size=33"])
+    with pytest.raises(ConfigError, match="finetune.global_pool"):
+        load_config(SMOKE, ["finetune.global_pool=max"])
+    with pytest.raises(ConfigError, match="finetune.layer_decay"):
+        load_config(SMOKE, ["finetune.layer_decay=0"])
+
+
+# -- fine-tuning on real data ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_finetune_starts_from_the_pretrained_encoder_and_reports_each_epoch(fashion_mnist_dir, pretrained):
+    cfg = _cfg("finetune.base_lr=1.0e-9", "finetune.drop_path=0.0")  # weights barely move
+    seen = []
+    result = finetune(cfg, pretrained.state_dict(), progress=False, on_epoch_end=seen.append)
+    assert result.init == "pretrained" and len(result.epochs) == 1 and seen == result.epochs
+    assert 0.0 <= result.top1 <= 1.0 and result.best_top1 == result.top1
+    assert math.isfinite(result.epochs[0]["train_loss"]) and result.images_per_sec > 0
+    torch.testing.assert_close(result.model.blocks[1].attn.qkv.weight, pretrained.blocks[1].attn.qkv.weight,
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_finetune_from_scratch_and_argument_errors(fashion_mnist_dir, pretrained):
+    cfg = _cfg("finetune.mixup=0", "finetune.cutmix=0")  # label smoothing alone
+    result = finetune(cfg, from_scratch=True, progress=False)
+    assert result.init == "scratch" and 0.0 <= result.top1 <= 1.0
+    assert not torch.allclose(result.model.blocks[1].attn.qkv.weight, pretrained.blocks[1].attn.qkv.weight)
+    with pytest.raises(ValueError, match="from_scratch"):
+        finetune(cfg, progress=False)
+    with pytest.raises(ValueError, match="from_scratch"):
+        finetune(cfg, pretrained, from_scratch=True, progress=False)
+    model = build_model(cfg)
+    with pytest.raises(ValueError, match="finetune.batch_size"):
+        finetune(load_config(SMOKE, [*TINY_FINETUNE, "finetune.train_subset=16"]), model, progress=False)
