@@ -161,7 +161,7 @@ def linear_probe(
     model = model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    train = build_dataset(cfg, "train", augment=True, subset=p.train_subset)
+    train = build_dataset(cfg, "train", augment=p.augment, subset=p.train_subset)
     test = build_dataset(cfg, "test", augment=False)
     if len(train) < p.batch_size:
         raise ValueError(f"probe.batch_size {p.batch_size} exceeds the {len(train)} training images")
