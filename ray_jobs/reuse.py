@@ -1,0 +1,315 @@
+"""The shared driver of `linear_probe.py` and `finetune.py`: reuse the best encoders of a sweep.
+
+1. Choose: the best K finished trials of a sweep folder's `trials.parquet` by a metric
+   (default: the sweep's objective), or checkpoints named with `--checkpoint` (ours, a
+   published reference MAE checkpoint, or HF ViTMAE weights; see `mae.pretrained`).
+2. Configure: each trial's checkpoint carries the config it was pretrained with; the
+   `data`, `probe` and `finetune` sections of `--experiment` (when given) replace its own,
+   then `--set section.key=value` overrides apply. A foreign checkpoint takes the whole
+   config from `--experiment`.
+3. Run: one Ray Train `TorchTrainer` per chosen encoder. Its worker calls the library
+   (`mae.probe.linear_probe` or `mae.finetune.finetune`) and reports the result with a
+   small checkpoint (`result.json`, plus the fine-tuned classifier), since Ray Train V2
+   keeps only metrics that come with a checkpoint.
+4. Record: one row per (trial, run) in `probe.parquet` / `finetune.parquet` in the sweep
+   folder, schema in `mae.results`, rewritten atomically after every run (temporary
+   file + rename), so rows of earlier runs are kept and a crash loses no finished run.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from mae import results as mae_results
+from mae.checkpoint import CheckpointError, load_checkpoint
+from mae.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, flatten, load_config, to_dict
+from mae.data import CorruptDatasetError, DatasetNotFoundError
+from ray_jobs import cluster
+from ray_jobs.results import read_table, write_table_atomic
+
+log = logging.getLogger(__name__)
+
+REPLACED_SECTIONS = ("data", "probe", "finetune")  # what --experiment replaces in a trial's own config
+RESULT_FILE = "result.json"
+CLASSIFIER_FILE = "classifier.pt"
+FINISHED, ERROR = "FINISHED", "ERROR"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One encoder to reuse, with the config to run it under."""
+
+    checkpoint: str
+    cfg: ExperimentConfig
+    trial_id: str | None = None
+    selected_by: str | None = None
+    selected_value: float | None = None
+    selected_rank: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.trial_id or Path(self.checkpoint).stem
+
+
+@dataclass(frozen=True)
+class Job:
+    """What differs between the probe and the fine-tune job."""
+
+    kind: str  # "probe" | "finetune"
+    table: str  # file name in the sweep folder
+    schema: pa.Schema
+    section: str  # the config section holding the recipe
+
+
+PROBE = Job("probe", mae_results.PROBE_FILE, mae_results.probe_schema(), "probe")
+FINETUNE = Job("finetune", mae_results.FINETUNE_FILE, mae_results.finetune_schema(), "finetune")
+
+
+# -- choosing encoders and their configs ---------------------------------------------------
+
+
+def config_for(checkpoint: str, experiment: str | None, overrides: list[str]) -> ExperimentConfig:
+    """The checkpoint's own config with --experiment's data/probe/finetune sections and --set applied.
+
+    A checkpoint without a config (another tool's) takes the whole --experiment.
+    Raises ConfigError (bad values, or a foreign checkpoint without --experiment).
+    """
+    payload = load_checkpoint(checkpoint)
+    if "config" in payload:
+        values = payload["config"]
+        if experiment:
+            file_values = to_dict(load_config(experiment))
+            values = {**values, **{s: file_values[s] for s in REPLACED_SECTIONS}}
+    elif experiment:
+        values = to_dict(load_config(experiment))
+    else:
+        raise ConfigError(f"{checkpoint} carries no config (not written by mae): pass --experiment with the "
+                          "model (model.name), data and recipe to use")
+    return config_from_dict(apply_overrides(values, overrides))
+
+
+def choose(args: argparse.Namespace) -> tuple[Path, list[Target]]:
+    """(output folder, targets) from --sweep/--top-k/--metric or --checkpoint. Raises ConfigError."""
+    if args.checkpoint:
+        if not args.experiment:
+            raise ConfigError("--checkpoint needs --experiment: the model, data and recipe to run it with")
+        out = Path(args.out or Path(mae_results.DEFAULT_ROOT) / f"reuse-{load_config(args.experiment).name}")
+        return out.resolve(), [Target(str(Path(c).resolve()), config_for(c, args.experiment, args.overrides))
+                               for c in args.checkpoint]
+    try:
+        folder = mae_results.results_dir(args.sweep)
+    except mae_results.ResultsNotFoundError as e:
+        raise ConfigError(str(e)) from e
+    sweep = mae_results.load_sweep(folder)
+    metric = args.metric or sweep.objective
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    try:
+        best = sweep.best(args.top_k, metric)
+    except KeyError as e:
+        raise ConfigError(f"--metric {metric}: {e.args[0]}; choose a numeric column of trials.parquet") from e
+    if best.empty:
+        raise ConfigError(f"no finished trial with a {metric} value in {folder / mae_results.TRIALS_FILE}")
+    targets = []
+    for rank, row in enumerate(best.to_dict("records"), start=1):
+        checkpoint = row["checkpoint_path"]
+        if not checkpoint:
+            raise ConfigError(f"trial {row['trial_id']} has no checkpoint_path in trials.parquet")
+        targets.append(Target(checkpoint, config_for(checkpoint, args.experiment, args.overrides),
+                              trial_id=row["trial_id"], selected_by=metric, selected_value=float(row[metric]),
+                              selected_rank=rank))
+    return Path(args.out).resolve() if args.out else folder.resolve(), targets
+
+
+# -- the Train worker -----------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """On every worker: load the encoder, run the job through `mae`, report the result with a checkpoint."""
+    from mae.engine import build_model
+    from mae.finetune import finetune
+    from mae.pretrained import load_encoder
+    from mae.probe import linear_probe
+
+    cfg = config_from_dict(loop_config["config"])
+    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    checkpoint = loop_config["checkpoint"]
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    classifier = None
+    if loop_config["kind"] == "probe":
+        encoder = load_encoder(build_model(cfg), checkpoint)
+        result = linear_probe(encoder, cfg, device=device, progress=False)
+        history = result.epochs
+    else:
+        scratch = bool(loop_config["from_scratch"])
+        result = finetune(cfg, weights=None if scratch else checkpoint, from_scratch=scratch, device=device,
+                          progress=False)
+        history = result.epochs
+        classifier = result.model
+        extra = {"init": result.init, "images_per_sec": result.images_per_sec}
+    metrics = {
+        "top1": result.top1, "best_top1": max(h["test_top1"] for h in history),
+        "final_train_loss": history[-1]["train_loss"], "epochs_completed": len(history),
+        "seconds": time.perf_counter() - t0, "world_size": world_size, "history": json.dumps(history), **extra,
+    }
+    with tempfile.TemporaryDirectory(prefix="mae-reuse-") as tmp:
+        report_checkpoint = None
+        if rank == 0:
+            Path(tmp, RESULT_FILE).write_text(json.dumps(metrics, indent=2))
+            if classifier is not None:
+                torch.save({"model": classifier.state_dict(), "config": to_dict(cfg), "source": checkpoint},
+                           Path(tmp, CLASSIFIER_FILE))
+            report_checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=report_checkpoint, checkpoint_dir_name="result")
+
+
+def run_target(job: Job, target: Target, storage: Path, run_id: str, workers: int,
+               from_scratch: bool = False) -> dict[str, Any]:
+    """One TorchTrainer on one encoder; returns the metrics and the saved result folder."""
+    s = target.cfg.sweep
+    resources, use_gpu = cluster.worker_resources(s.cpus_per_worker, s.gpus_per_worker)
+    cluster.check_fits(workers, resources)
+    name = f"{job.kind}{'-scratch' if from_scratch else ''}-{target.label}-{run_id}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"kind": job.kind, "config": to_dict(target.cfg), "checkpoint": target.checkpoint,
+                           "from_scratch": from_scratch, "threads": max(1, int(s.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=s.max_failures)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None or not result.metrics:
+        raise RuntimeError(f"Train run {name} reported no result; see its logs under {storage / name}")
+    metrics = dict(result.metrics)
+    metrics["checkpoint_path"] = result.checkpoint.path if job.kind == "finetune" else None
+    return metrics
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+class RunTable:
+    """The rows of probe.parquet / finetune.parquet: earlier runs' rows, plus this run's."""
+
+    def __init__(self, job: Job, folder: Path) -> None:
+        self.job = job
+        self.path = str(folder / job.table)
+        existing = read_table(self.path)
+        self.rows = existing.to_pylist() if existing is not None else []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        schema = self.job.schema
+        table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in self.rows], schema=schema)
+        write_table_atomic(table, self.path)
+
+
+def make_row(job: Job, target: Target, run_id: str, sweep: str, version: str, metrics: dict[str, Any] | None,
+             error: str | None, from_scratch: bool) -> dict[str, Any]:
+    flat = flatten(target.cfg)
+    row: dict[str, Any] = {
+        "trial_id": target.trial_id, "run_id": run_id, "sweep": sweep, "source_checkpoint": target.checkpoint,
+        "selected_by": target.selected_by, "selected_value": target.selected_value,
+        "selected_rank": target.selected_rank, "status": ERROR if error else FINISHED, "error": error,
+        "code_version": version, "created_at": datetime.datetime.now(datetime.timezone.utc),
+        **{k: v for k, v in flat.items() if k.startswith(f"{job.section}.") or k in mae_results.CONTEXT_KEYS},
+    }
+    if job.kind == "finetune":
+        row["init"] = "scratch" if from_scratch else "pretrained"
+    if metrics:
+        row.update({k: v for k, v in metrics.items() if k in job.schema.names and k not in row})
+    return row
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def build_parser(job: Job, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--sweep", help=f"sweep folder (default ${mae_results.RESULTS_DIR_ENV}, else the newest "
+                                        f"sweep under ./{mae_results.DEFAULT_ROOT})")
+    source.add_argument("--checkpoint", action="append", metavar="PATH",
+                        help="a pretrained checkpoint instead (ours, a reference MAE .pth, an HF ViTMAE folder "
+                             "or file); repeatable; needs --experiment")
+    p.add_argument("--top-k", type=int, default=1, help="how many of the best trials (default 1)")
+    p.add_argument("--metric", help="trials.parquet column to choose by (default: the sweep's objective)")
+    p.add_argument("--experiment", help=f"YAML whose {'/'.join(REPLACED_SECTIONS)} sections replace the trials' "
+                                        "own (the whole config for --checkpoint)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=f"override one config value (repeatable), e.g. --set {job.section}.epochs=5")
+    p.add_argument("--out", help=f"folder for {job.table} and the Train runs (default: the sweep folder)")
+    p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS); none: an embedded Ray")
+    return p
+
+
+def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, from_scratch: bool = False,
+         args: argparse.Namespace | None = None) -> int:
+    """Choose, run, record; exit status 0 (all finished), 1 (some failed) or 2 (bad arguments)."""
+    from ray_jobs.sweep import code_version
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args is None:
+        args = build_parser(job, description).parse_args(argv)
+    try:
+        folder, targets = choose(args)
+    except (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    version = code_version()
+    table = RunTable(job, folder)
+    cluster.init_ray(args.address)
+    failed = 0
+    try:
+        for target in targets:
+            log.info("%s %s (%s) from %s", job.kind, target.label,
+                     f"rank {target.selected_rank} by {target.selected_by}" if target.trial_id else "checkpoint",
+                     target.checkpoint)
+            metrics, error = None, None
+            try:
+                metrics = run_target(job, target, folder, run_id, workers, from_scratch)
+            except Exception as e:  # one failed encoder must not lose the others' rows
+                failed += 1
+                lines = [line for line in traceback.format_exception_only(e)[-1].splitlines() if line.strip()]
+                error = lines[-1][:500] if lines else type(e).__name__
+                log.error("%s of %s failed: %s", job.kind, target.label, error)
+            table.add(make_row(job, target, run_id, folder.name, version, metrics, error, from_scratch))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    shown = ["trial_id", "selected_rank", "selected_value", *(["init"] if job.kind == "finetune" else []),
+             "status", "top1", "best_top1", "epochs_completed", "seconds"]
+    rows = [r for r in table.rows if r["run_id"] == run_id]
+    print()
+    print(f"{job.kind} run {run_id}: {len(rows)} encoder(s), {failed} failed")
+    for r in rows:
+        print("  " + "  ".join(f"{k}={_short(r.get(k))}" for k in shown))
+    print(f"table: {table.path}")
+    return 1 if failed else 0
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

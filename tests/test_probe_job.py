@@ -1,0 +1,109 @@
+"""The reuse jobs' driver (ray_jobs/reuse.py) without starting Ray: choosing trials, configs, rows.
+
+The jobs themselves run end to end on a real smoke sweep in tests/test_analysis.py.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # ray_jobs is a folder of scripts, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from mae import results as mae_results  # noqa: E402
+from mae.checkpoint import save_checkpoint  # noqa: E402
+from mae.config import ConfigError, load_config, to_dict  # noqa: E402
+from mae.engine import build_model  # noqa: E402
+from ray_jobs import reuse  # noqa: E402
+from ray_jobs import results as sweep_tables  # noqa: E402
+
+SMOKE = str(REPO / "experiments" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def sweep_folder(tmp_path_factory) -> Path:
+    """Three finished trials (and a failed one) with real checkpoints of ours."""
+    folder = tmp_path_factory.mktemp("results") / "ratios"
+    rows = []
+    for i, (ratio, top1, loss) in enumerate([(0.5, 0.70, 0.3), (0.75, 0.80, 0.6), (0.9, 0.75, 0.8)]):
+        cfg = load_config(SMOKE, [f"mask.ratio={ratio}"])
+        ckpt = save_checkpoint(folder / f"train-t{i}" / "checkpoint-0002",
+                               {"model": build_model(cfg).state_dict(), "config": to_dict(cfg), "epoch": 2})
+        row = {f.name: None for f in sweep_tables.trials_schema()}
+        row.update({"trial_id": f"t{i}", "status": "TERMINATED", "objective": "probe_top1", "probe_top1": top1,
+                    "final_train_loss": loss, "checkpoint_path": str(ckpt), "mask.ratio": ratio,
+                    "sweep.mode": "max", "params": json.dumps({"mask.ratio": ratio})})
+        rows.append(row)
+    rows.append({**rows[0], "trial_id": "t9", "status": "ERROR", "probe_top1": None})
+    pq.write_table(pa.Table.from_pylist(rows, schema=sweep_tables.trials_schema()), folder / "trials.parquet")
+    return folder
+
+
+def _args(*argv: str):
+    return reuse.build_parser(reuse.PROBE, "").parse_args(list(argv))
+
+
+def test_the_best_k_trials_are_chosen_by_the_objective(sweep_folder):
+    out, targets = reuse.choose(_args("--sweep", str(sweep_folder), "--top-k", "2"))
+    assert out == sweep_folder.resolve()
+    assert [(t.trial_id, t.selected_rank, t.selected_value) for t in targets] == [("t1", 1, 0.80), ("t2", 2, 0.75)]
+    assert all(t.selected_by == "probe_top1" for t in targets)
+    assert targets[0].cfg.mask.ratio == 0.75  # each trial runs under its own config
+    _, (lowest,) = reuse.choose(_args("--sweep", str(sweep_folder), "--metric", "final_train_loss"))
+    assert lowest.trial_id == "t0"  # a loss is chosen lowest first
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--metric", "no_such_column"], "no_such_column"),
+    (["--top-k", "0"], "--top-k"),
+])
+def test_bad_selection_is_refused_with_exit_status_2(sweep_folder, capsys, argv, message):
+    assert reuse.main(reuse.PROBE, ["--sweep", str(sweep_folder), *argv], "") == 2  # before Ray starts
+    assert message in capsys.readouterr().err
+
+
+def test_experiment_sections_and_overrides_replace_the_trials_own(sweep_folder, tmp_path):
+    experiment = tmp_path / "reuse.yaml"
+    experiment.write_text("model: {name: mae_vit_tiny_patch4}\nmask: {ratio: 0.1}\n"
+                          "probe: {epochs: 7, optimizer: sgd}\nfinetune: {epochs: 3, layer_decay: 0.65}\n")
+    _, targets = reuse.choose(_args("--sweep", str(sweep_folder), "--experiment", str(experiment),
+                                    "--set", "finetune.epochs=4"))
+    cfg = targets[0].cfg
+    assert cfg.probe.epochs == 7 and cfg.probe.optimizer == "sgd" and cfg.finetune.layer_decay == 0.65
+    assert cfg.finetune.epochs == 4  # --set wins over the file
+    assert cfg.model.name == "mae_vit_micro_patch4" and cfg.mask.ratio == 0.75  # the trial's model stays
+    assert cfg.data.train_subset is None  # data comes from the file (which leaves it at the default)
+
+
+def test_a_foreign_checkpoint_takes_the_whole_experiment(tmp_path):
+    ref = tmp_path / "mae_pretrain_vit_micro.pth"
+    torch.save({"model": build_model(load_config(SMOKE)).encoder_state_dict()}, ref)
+    with pytest.raises(ConfigError, match="--experiment"):
+        reuse.choose(_args("--checkpoint", str(ref)))
+    out, (target,) = reuse.choose(_args("--checkpoint", str(ref), "--experiment", SMOKE, "--out", str(tmp_path / "o")))
+    assert target.trial_id is None and target.label == "mae_pretrain_vit_micro"
+    assert target.cfg.name == "smoke" and out == (tmp_path / "o").resolve()
+
+
+def test_rows_append_to_the_table_with_its_schema(sweep_folder, tmp_path):
+    _, (target,) = reuse.choose(_args("--sweep", str(sweep_folder)))
+    metrics = {"top1": 0.5, "best_top1": 0.6, "final_train_loss": 1.2, "epochs_completed": 2, "seconds": 3.0,
+               "world_size": 1, "history": "[]", "images_per_sec": 99.0, "checkpoint_path": "/x"}
+    table = reuse.RunTable(reuse.FINETUNE, tmp_path)
+    table.add(reuse.make_row(reuse.FINETUNE, target, "run1", "ratios", "git:abc", metrics, None, False))
+    again = reuse.RunTable(reuse.FINETUNE, tmp_path)  # a later run keeps the earlier rows
+    again.add(reuse.make_row(reuse.FINETUNE, target, "run2", "ratios", "git:abc", None, "boom", True))
+    written = pq.read_table(tmp_path / mae_results.FINETUNE_FILE)
+    assert written.schema.equals(mae_results.finetune_schema())
+    first, second = written.to_pylist()
+    assert (first["run_id"], first["status"], first["init"], first["top1"]) == ("run1", "FINISHED", "pretrained", 0.5)
+    assert first["finetune.epochs"] == target.cfg.finetune.epochs and first["model.name"] == "mae_vit_micro_patch4"
+    assert first["images_per_sec"] == 99.0 and first["checkpoint_path"] == "/x" and first["trial_id"] == "t1"
+    assert (second["status"], second["error"], second["init"], second["top1"]) == ("ERROR", "boom", "scratch", None)
+    assert not list(tmp_path.glob(".*tmp*")), "a temporary file was left behind"
