@@ -1,0 +1,187 @@
+"""Sweep planning and the Parquet tables, without starting Ray (fast).
+
+The end-to-end Ray runs are in test_ray_sweep.py.
+"""
+
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # ray_jobs is a folder of scripts, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from mae.config import ConfigError, load_config, replace  # noqa: E402
+from ray_jobs import results  # noqa: E402
+from ray_jobs.space import Choice, Range, grid_points, parse_space, validate_experiment  # noqa: E402
+
+SMOKE_SWEEP = REPO / "experiments" / "smoke_sweep.yaml"
+
+
+def test_ray_jobs_planning_modules_do_not_import_ray():
+    import subprocess
+
+    code = "import sys; import ray_jobs.space, ray_jobs.results; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["sweep_mask_ratio", "sweep_decoder", "smoke_sweep"])
+def test_shipped_sweep_experiments_are_valid(name):
+    cfg = load_config(REPO / "experiments" / f"{name}.yaml")
+    dims = validate_experiment(cfg)
+    assert dims and all(isinstance(d, Choice) for d in dims)
+    assert len(grid_points(dims)) >= 2
+
+
+def test_mask_ratio_preset_is_the_laptop_default():
+    cfg = load_config(REPO / "experiments" / "sweep_mask_ratio.yaml")
+    assert cfg.data.dataset == "fashion_mnist" and cfg.model.name == "mae_vit_micro_patch4"
+    (dim,) = parse_space(cfg.sweep.space)
+    assert dim.key == "mask.ratio" and 4 <= len(dim.values) <= 6
+
+
+def test_space_syntax_lists_ranges_and_nested_overrides():
+    dims = parse_space({
+        "mask.ratio": [0.5, 0.75],
+        "optim.base_lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "model": {"decoder_depth": {"low": 1, "high": 8}},
+    })
+    assert dims[0] == Choice("mask.ratio", (0.5, 0.75))
+    assert dims[1] == Range("optim.base_lr", 1e-4, 1e-2, True) and not dims[1].is_int
+    assert dims[2] == Range("model.decoder_depth", 1, 8) and dims[2].is_int
+    # --set sweep.space.mask.ratio=[...] arrives nested; it replaces the YAML's dotted entry
+    cfg = load_config(SMOKE_SWEEP, ["sweep.space.mask.ratio=[0.25, 0.9]"])
+    assert validate_experiment(cfg) == [Choice("mask.ratio", (0.25, 0.9))]
+
+
+def test_grid_points_are_the_cross_product_in_order():
+    dims = [Choice("a", (1, 2)), Choice("b", ("x", "y"))]
+    assert grid_points(dims) == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sweep.space={mask.ratioo: [0.5]}"], "unknown config key mask.ratioo"),
+    (["sweep.space={trainn.epochs: [1]}"], "unknown config key trainn"),
+    (["sweep.space={}"], "sweep.space is empty"),
+    (["sweep.space={mask.ratio: []}"], "sweep.space.mask.ratio is an empty list"),
+    (["sweep.space={mask.ratio: [0.5, 1.0]}"], "mask.ratio: must be in (0, 1), got 1.0"),
+    (["sweep.space={mask.ratio: 0.5}"], "must be a list of values"),
+    (["sweep.space={mask.ratio: {low: 0.1, high: 0.9}}"], "needs sweep.search: optuna"),
+    (["sweep.search=optuna", "sweep.space={mask.ratio: {low: 0.1, high: 1.0}}"], "got 1.0"),
+    (["sweep.search=optuna", "sweep.space={optim.base_lr: {low: 0, high: 1, log: true}}"], "log range needs low > 0"),
+    (["sweep.space={model.decoder_embed_dim: [64, 66]}"], "divisible by 4, got 66"),
+    (["sweep.space={sweep.max_concurrent: [1, 2]}"], "cannot be searched"),
+    (["sweep.scheduler=asha"], "asha stops trials on their reconstruction loss"),
+    (["sweep.gpus_per_worker=0.5", "sweep.workers_per_trial=2"], "NCCL"),
+    (["sweep.metric=probe_top5"], "sweep.metric must be one of"),
+])
+def test_bad_sweeps_fail_validation_naming_the_problem(overrides, message):
+    cfg = load_config(SMOKE_SWEEP, overrides)
+    with pytest.raises(ConfigError) as info:
+        validate_experiment(cfg)
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_the_experiment_file_fails_at_load(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMOKE_SWEEP.read_text().replace("  max_failures: 2", "  max_failure: 2"))
+    with pytest.raises(ConfigError, match="unknown config key sweep.max_failure"):
+        load_config(bad)
+
+
+# -- the tables ------------------------------------------------------------------------
+
+
+def _recorder(folder, **kw):
+    return results.SweepRecorder(str(folder), "s", "probe_top1", "git:abc", **kw)
+
+
+def test_tables_have_the_documented_columns_and_config_types(tmp_path):
+    cfg = load_config(SMOKE_SWEEP)
+    rec = _recorder(tmp_path)
+    rec.trial("t0", replace(cfg, {"mask.ratio": 0.5}), {"mask.ratio": 0.5}, "RUNNING")
+    rec.write()
+    trials = pq.read_table(tmp_path / results.TRIALS_FILE)
+    documented = [c.name for c in results.TRIAL_COLUMNS] + [n for n, _ in results.config_columns()]
+    assert trials.column_names == documented
+    assert trials.schema.field("mask.ratio").type == pa.float64()
+    assert trials.schema.field("data.train_subset").type == pa.int64()
+    assert trials.schema.field("optim.clip_grad").type == pa.float64()  # None in this config, still typed
+    assert trials.schema.field("sweep.space").type == pa.string()
+    row = trials.to_pylist()[0]
+    assert row["mask.ratio"] == 0.5 and row["params"] == '{"mask.ratio": 0.5}' and row["seed"] == cfg.train.seed
+    epochs = pq.read_table(tmp_path / results.EPOCHS_FILE)
+    assert epochs.column_names == [c.name for c in results.EPOCH_COLUMNS] and epochs.num_rows == 0
+
+
+def test_repeated_epochs_keep_the_last_and_history_replaces_live_rows(tmp_path):
+    cfg = load_config(SMOKE_SWEEP)
+    rec = _recorder(tmp_path)
+    rec.trial("t0", cfg, {}, "RUNNING")
+    for epoch, loss in [(1, 1.0), (2, 0.9), (2, 0.8)]:  # epoch 2 retried after a crash
+        rec.epoch("t0", {"epoch": epoch, "step": 4 * epoch, "train_loss": loss})
+    rec.write()
+    rows = pq.read_table(tmp_path / results.EPOCHS_FILE).to_pylist()
+    assert [(r["epoch"], r["train_loss"]) for r in rows] == [(1, 1.0), (2, 0.8)]
+    history = [{"epoch": e, "step": 4 * e, "train_loss": 1.0 / e, "lr": 1e-3, "epoch_time_s": 1.0,
+                "images_per_sec": 100.0} for e in (1, 2, 3)]
+    rec.trial("t0", cfg, {}, "TERMINATED")
+    rec.finish("t0", {"probe_top1": 0.7, "checkpoint_path": "/x/checkpoint-0003"}, history)
+    rec.write()
+    rows = pq.read_table(tmp_path / results.EPOCHS_FILE).to_pylist()
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["train_loss"] == pytest.approx(1 / 3)
+    (trial,) = pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist()
+    assert trial["status"] == "TERMINATED" and trial["probe_top1"] == 0.7
+
+
+def test_a_new_recorder_keeps_the_rows_already_written(tmp_path):
+    cfg = load_config(SMOKE_SWEEP)
+    first = _recorder(tmp_path)
+    first.trial("t0", cfg, {}, "TERMINATED")
+    first.epoch("t0", {"epoch": 1, "train_loss": 1.0})
+    first.write()
+    second = _recorder(tmp_path)  # a resumed sweep
+    second.trial("t1", cfg, {}, "RUNNING")
+    second.write()
+    assert sorted(pq.read_table(tmp_path / results.TRIALS_FILE).column("trial_id").to_pylist()) == ["t0", "t1"]
+    assert pq.read_table(tmp_path / results.EPOCHS_FILE).num_rows == 1
+
+
+def test_writes_are_atomic_and_throttled(tmp_path, monkeypatch):
+    cfg = load_config(SMOKE_SWEEP)
+    rec = _recorder(tmp_path, min_interval_s=3600)
+    rec.trial("t0", cfg, {}, "RUNNING")
+    assert rec.write(force=False)  # first write
+    rec.epoch("t0", {"epoch": 1, "train_loss": 1.0})
+    assert not rec.write(force=False)  # within the interval
+    assert pq.read_table(tmp_path / results.EPOCHS_FILE).num_rows == 0
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results.pq, "write_table", broken)
+    with pytest.raises(OSError):
+        rec.write()
+    monkeypatch.undo()
+    assert pq.read_table(tmp_path / results.TRIALS_FILE).num_rows == 1  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_summary_sorts_by_the_objective():
+    table = pa.Table.from_pylist([
+        {"trial_id": "a", "status": "TERMINATED", "mask.ratio": 0.5, "probe_top1": 0.6},
+        {"trial_id": "b", "status": "ERROR", "mask.ratio": 0.9, "probe_top1": None},
+        {"trial_id": "c", "status": "TERMINATED", "mask.ratio": 0.75, "probe_top1": 0.8},
+    ])
+    text = results.summarize(table, "probe_top1", "max", ["mask.ratio"])
+    order = [line.split()[0] for line in text.splitlines()[1:]]
+    assert order == ["c", "a", "b"]
+
+
+def test_readme_documents_every_column():
+    readme = (REPO / "ray_jobs" / "README.md").read_text()
+    for column in results.TRIAL_COLUMNS + results.EPOCH_COLUMNS:
+        assert f"`{column.name}`" in readme, f"ray_jobs/README.md does not document {column.name}"
