@@ -16,7 +16,6 @@ be reported twice; rows are keyed by (trial_id, epoch) and the last report wins.
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 import types
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -262,6 +262,16 @@ class SweepRecorder:
                 self.epoch(trial_id, metrics)
         self._dirty = True
 
+    def stopped(self, trial_id: str) -> None:
+        """A trial ended early (a scheduler stopped it): its loss columns from the live epochs."""
+        losses = sorted((e, r["train_loss"]) for (t, e), r in self.epochs.items()
+                        if t == trial_id and r.get("train_loss") is not None)
+        if losses:
+            best_epoch, best = min(losses, key=lambda item: item[1])
+            self.trials[trial_id].update(final_train_loss=losses[-1][1], best_train_loss=best,
+                                         best_epoch=best_epoch, epochs_completed=len(losses))
+        self._dirty = True
+
     # -- writing ---------------------------------------------------------------------
 
     def write(self, force: bool = True) -> bool:
@@ -293,7 +303,7 @@ def _now() -> Any:
 
 def summarize(trials: pa.Table, objective: str, mode: str, searched: list[str]) -> str:
     """A text table of the trials, best first by the objective (missing values last)."""
-    df = trials.to_pandas()
+    df = trials.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)  # ints stay ints beside nulls
     if df.empty:
         return "(no trials)"
     columns = ["trial_id", "status", *[k for k in searched if k in df.columns], objective,
@@ -301,7 +311,7 @@ def summarize(trials: pa.Table, objective: str, mode: str, searched: list[str]) 
     columns = list(dict.fromkeys(c for c in columns if c in df.columns))
     if objective in df.columns:
         df = df.sort_values(objective, ascending=mode == "min", na_position="last")
-    return df[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}" if not math.isnan(v) else "nan")
+    return df[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
 def schema_markdown() -> str:

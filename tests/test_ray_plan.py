@@ -170,6 +170,19 @@ def test_writes_are_atomic_and_throttled(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
+def test_a_stopped_trial_gets_its_losses_from_the_live_epochs(tmp_path):
+    cfg = load_config(SMOKE_SWEEP)
+    rec = _recorder(tmp_path)
+    rec.trial("t0", cfg, {}, "RUNNING")
+    for epoch, loss in [(1, 1.0), (2, 0.7), (3, 0.8)]:
+        rec.epoch("t0", {"epoch": epoch, "train_loss": loss})
+    rec.trial("t0", cfg, {}, "STOPPED")
+    rec.stopped("t0")
+    row = rec.trials["t0"]
+    assert (row["final_train_loss"], row["best_train_loss"], row["best_epoch"], row["epochs_completed"]) == (0.8, 0.7, 2, 3)
+    assert row["probe_top1"] is None
+
+
 def test_summary_sorts_by_the_objective():
     table = pa.Table.from_pylist([
         {"trial_id": "a", "status": "TERMINATED", "mask.ratio": 0.5, "probe_top1": 0.6},

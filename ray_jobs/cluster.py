@@ -1,0 +1,131 @@
+"""Connecting to Ray, and sizing trials and workers so that small machines never deadlock.
+
+Two ways to run:
+
+- embedded (no address given and RAY_ADDRESS unset): start a private local Ray with all
+  CPUs, a `trial_driver` resource (one unit per concurrent trial) and the dashboard bound
+  to 127.0.0.1. Token authentication stays on (Ray's default for a new local cluster:
+  the token lives in ~/.ray/auth_token unless RAY_AUTH_TOKEN(_PATH) says otherwise).
+- cluster (`ray job submit`, which sets RAY_ADDRESS, or `--address`): connect with no
+  resource arguments. Start the head with a trial_driver resource:
+
+      ray start --head --dashboard-host 127.0.0.1 --resources='{"trial_driver": 4}'
+
+  Without it, trial drivers fall back to a small CPU fraction (see `trial_resources`).
+
+Why a custom resource: a Tune trial here is a driver that does no heavy work; it starts a
+TorchTrainer whose workers hold the CPUs/GPUs. If each driver took a whole CPU, two
+drivers on a 2-CPU machine would hold both CPUs while their workers wait forever.
+"""
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import ray
+
+log = logging.getLogger(__name__)
+
+TRIAL_DRIVER = "trial_driver"
+FALLBACK_DRIVER_CPU = 0.01  # when the cluster has no trial_driver resource
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by ray.init when it starts a cluster
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The address to connect to, or None to start an embedded Ray."""
+    if address in (None, ""):
+        address = os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
+def init_ray(address: str | None = None, trial_drivers: int = 1, num_cpus: int | None = None,
+             dashboard: bool = True) -> str:
+    """Start an embedded Ray or connect to a cluster; returns 'embedded' or 'cluster'."""
+    if ray.is_initialized():
+        return "cluster" if cluster_address(address) else "embedded"
+    target = cluster_address(address)
+    if target is not None:
+        # A running cluster fixes its own resources; passing num_cpus here would fail.
+        ray.init(address=target, log_to_driver=True)
+        log.info("connected to the Ray cluster at %s: %s", target, _resources_text())
+        return "cluster"
+    # Workers must import ray_jobs wherever the script was started from.
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    # Ray Train's placement-group cleaner finds "its" cluster by auto-detection, which picks
+    # another Ray when several run on one machine (and then leaks the placement groups of
+    # stopped trials). Fix the GCS port up front and tell every worker the address.
+    port = _free_port()
+    env_vars = {"PYTHONPATH": pythonpath, "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
+    previous = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = str(port)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            resources={TRIAL_DRIVER: max(1, trial_drivers)},
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": env_vars},
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(GCS_PORT_ENV, None)
+        else:
+            os.environ[GCS_PORT_ENV] = previous
+    log.info("started an embedded Ray: %s", _resources_text())
+    return "embedded"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _resources_text() -> str:
+    r = ray.cluster_resources()
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(r.items()) if not k.startswith(("node:", "memory",
+                                                                                        "object_store")))
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def trial_resources() -> dict[str, float]:
+    """What one Tune trial driver reserves: a trial_driver unit, else a sliver of a CPU."""
+    if ray.cluster_resources().get(TRIAL_DRIVER, 0) >= 1:
+        return {TRIAL_DRIVER: 1}
+    log.warning(
+        "the cluster has no %r resource; trial drivers take %g CPU each instead. Start the head "
+        "with --resources='{\"%s\": N}' to run N trials at once without sharing CPUs",
+        TRIAL_DRIVER, FALLBACK_DRIVER_CPU, TRIAL_DRIVER,
+    )
+    return {"CPU": FALLBACK_DRIVER_CPU}
+
+
+def worker_resources(cpus_per_worker: float, gpus_per_worker: float) -> tuple[dict[str, float], bool]:
+    """(resources per Train worker, use_gpu): GPU fractions only when the cluster has GPUs."""
+    resources: dict[str, float] = {"CPU": cpus_per_worker}
+    use_gpu = gpus_per_worker > 0 and cluster_gpus() > 0
+    if gpus_per_worker > 0 and not use_gpu:
+        log.warning("sweep.gpus_per_worker is %g but the cluster has no GPU; training on CPUs", gpus_per_worker)
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    return resources, use_gpu
+
+
+def check_fits(workers: int, per_worker: dict[str, float]) -> None:
+    """Fail early when one trial's workers can never be placed (instead of waiting forever)."""
+    total = ray.cluster_resources()
+    for name, amount in per_worker.items():
+        need = workers * amount
+        if need > total.get(name, 0.0) + 1e-9:
+            raise RuntimeError(
+                f"one trial needs {need:g} {name} ({workers} workers x {amount:g}) but the cluster has "
+                f"{total.get(name, 0.0):g}; lower sweep.workers_per_trial or sweep.cpus_per_worker/"
+                "gpus_per_worker"
+            )
+

@@ -1,0 +1,238 @@
+"""One MAE pretraining run as a Ray Train TorchTrainer (DDP workers), then a quick probe.
+
+    python ray_jobs/pretrain.py --experiment experiments/smoke.yaml --workers 2
+    ray job submit --working-dir . -- python ray_jobs/pretrain.py --storage /shared/results ...
+
+There is no training loop here: each worker calls `mae.engine.pretrain`, and the engine's
+callback is the only bridge to Ray. Every rank reports each epoch's metrics through
+`ray.train.report` (it is a barrier); rank 0 attaches the checkpoint folder the engine
+just wrote. A crashed worker restarts the group from the last reported checkpoint
+(`FailureConfig(max_failures)`), and a rerun with the same storage and name resumes too.
+The sweep driver (`sweep.py`) builds one of these trainers per trial.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `ray_jobs` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from mae.checkpoint import load_checkpoint
+from mae.config import ConfigError, ExperimentConfig, config_from_dict, load_config, to_dict
+from mae.engine import PretrainCallback, load_model, pretrain
+from mae.probe import quick_probe
+from ray_jobs import cluster
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Testing aid: rank 0 kills its own process once, right after epoch `at_epoch` is reported.
+
+    `marker` is a file on the driver's filesystem; it is written before the kill, so the
+    restarted worker group sees it and trains on.
+    """
+
+    at_epoch: int
+    marker: str
+
+
+class RayReportCallback(PretrainCallback):
+    """The engine -> Ray Train bridge: report every epoch from every rank, checkpoint from rank 0."""
+
+    def __init__(self, rank: int, world_size: int, start_epoch: int, fault: FaultInjection | None = None):
+        self.rank = rank
+        self.world_size = world_size
+        self.start_epoch = start_epoch
+        self.fault = fault
+
+    def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        epoch = int(metrics["epoch"])
+        metrics = {**metrics, "start_epoch": self.start_epoch, "world_size": self.world_size}
+        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        # Ray names the stored folder like ours, so `mae` tools read it as is.
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:04d}" if checkpoint else None)
+        if self.fault and self.rank == 0 and epoch == self.fault.at_epoch and not os.path.exists(self.fault.marker):
+            # Wait until the controller has registered this report's checkpoint: a worker
+            # that dies first takes its last report with it, and the retry starts earlier.
+            ray.train.get_all_reported_checkpoints(timeout_s=120)
+            Path(self.fault.marker).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.fault.marker).write_text(f"killed rank 0 after epoch {epoch}\n")
+            log.warning("fault injection: killing this worker after epoch %d", epoch)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_epoch(checkpoint: Checkpoint | None) -> int:
+    """The epoch a reported checkpoint ends, from its folder name (0 for none)."""
+    if checkpoint is None:
+        return 0
+    name = Path(checkpoint.path).name
+    return int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) else 0
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Train worker: resume from Ray's checkpoint if any, then `mae.engine.pretrain`."""
+    cfg = config_from_dict(loop_config["config"])
+    fault = FaultInjection(**loop_config["fault"]) if loop_config.get("fault") else None
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    device = ray.train.torch.get_device()
+    checkpoint = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"mae-rank{rank}-"))
+        callback = RayReportCallback(rank, world_size, checkpoint_epoch(checkpoint), fault)
+        pretrain(cfg, run_dir, callback=callback, resume_from=resume_from, device=device)
+
+
+def scaling_for(cfg: ExperimentConfig) -> ScalingConfig:
+    """Workers per trial from `sweep.workers_per_trial`, `cpus_per_worker`, `gpus_per_worker`."""
+    s = cfg.sweep
+    resources, use_gpu = cluster.worker_resources(s.cpus_per_worker, s.gpus_per_worker)
+    cluster.check_fits(s.workers_per_trial, resources)
+    return ScalingConfig(num_workers=s.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def build_trainer(cfg: ExperimentConfig, name: str, storage_path: str, scaling: ScalingConfig,
+                  callbacks: list | None = None, fault: FaultInjection | None = None,
+                  keep_checkpoints: int = 2) -> TorchTrainer:
+    """A TorchTrainer over `train_loop_per_worker`; same storage_path + name resumes the run."""
+    if "://" not in storage_path and not os.path.isabs(storage_path):
+        raise ValueError(f"storage_path must be absolute or a URI, got {storage_path!r}")
+    cpus = (scaling.resources_per_worker or {}).get("CPU", 1)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_dict(cfg),
+            "fault": None if fault is None else {"at_epoch": fault.at_epoch, "marker": fault.marker},
+            "threads": max(1, int(cpus)),
+        },
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.sweep.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def _probe(checkpoint: Checkpoint, threads: int) -> dict[str, Any]:
+    """Load the final checkpoint with mae and quick-probe its frozen encoder."""
+    torch.set_num_threads(max(1, threads))
+    with checkpoint.as_directory() as folder:
+        model, cfg = load_model(folder)
+        history = list(load_checkpoint(folder).get("history", []))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {**quick_probe(model, cfg, device), "history": history}
+
+
+def probe_checkpoint(checkpoint: Checkpoint, cfg: ExperimentConfig, use_gpu: bool) -> dict[str, Any]:
+    """Run `_probe` as a Ray task holding one worker's CPUs (and GPU share, if training had one).
+
+    scheduling_strategy="DEFAULT" takes the task out of the calling trial's placement
+    group, whose only bundle is the trial_driver resource.
+    """
+    s = cfg.sweep
+    task = ray.remote(_probe).options(
+        num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if use_gpu else 0,
+        scheduling_strategy="DEFAULT", max_retries=1,
+    )
+    return ray.get(task.remote(checkpoint, max(1, int(s.cpus_per_worker))))
+
+
+def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final/best loss, epochs and throughput over the whole run (all attempts)."""
+    if not history:
+        return {}
+    losses = [h["train_loss"] for h in history]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    train_time = sum(h["epoch_time_s"] for h in history)
+    images = sum(h["images_per_sec"] * h["epoch_time_s"] for h in history)
+    return {
+        "final_train_loss": losses[-1], "best_train_loss": losses[best],
+        "best_epoch": int(history[best]["epoch"]), "epochs_completed": len(history),
+        "train_time_s": train_time, "images_per_sec": images / train_time if train_time > 0 else 0.0,
+    }
+
+
+def fit_and_probe(cfg: ExperimentConfig, name: str, storage_path: str, callbacks: list | None = None,
+                  fault: FaultInjection | None = None, probe: bool = True) -> dict[str, Any]:
+    """Pretrain with a TorchTrainer, then probe its final checkpoint; one flat dict of results."""
+    t0 = time.perf_counter()
+    scaling = scaling_for(cfg)
+    result = build_trainer(cfg, name, storage_path, scaling, callbacks=callbacks, fault=fault).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Train run {name} ended without a checkpoint; see its logs under {storage_path}")
+    out: dict[str, Any] = {
+        "checkpoint_path": result.checkpoint.path,
+        "resumed_from_epoch": int(result.metrics.get("start_epoch", 0)) if result.metrics else 0,
+        "world_size": scaling.num_workers,
+    }
+    if probe:
+        probed = probe_checkpoint(result.checkpoint, cfg, scaling.use_gpu)
+        history = probed.pop("history")
+        out.update(probed)
+        out.update(summarize_history(history))
+        out["history"] = history
+    out["wall_time_s"] = time.perf_counter() - t0
+    return out
+
+
+def resolve_storage(storage: str) -> str:
+    """A URI as is; a local path made absolute (Ray Train needs that)."""
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="experiments/smoke.yaml", help="experiment YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable)")
+    parser.add_argument("--storage", default="results", help="local folder (made absolute) or URI")
+    parser.add_argument("--name", help="run name (default: pretrain-<experiment name>); reusing it resumes")
+    parser.add_argument("--workers", type=int, help="Train workers (default sweep.workers_per_trial)")
+    parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded Ray)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the quick probe")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides) + ([f"sweep.workers_per_trial={args.workers}"] if args.workers else [])
+    try:
+        cfg = load_config(args.experiment, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    storage = resolve_storage(args.storage)
+    name = args.name or f"pretrain-{cfg.name}"
+    cluster.init_ray(args.address)
+    out = fit_and_probe(cfg, name, storage, probe=not args.no_probe)
+    out.pop("history", None)
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The shared sweep driver: Ray Tune over TorchTrainer runs, results into Parquet.
+
+A trial is `run_trial`: it builds a TorchTrainer named `train-<trial_id>` (so a rerun of
+the trial resumes its Train run from the last checkpoint), fits it, then quick-probes the
+final checkpoint's frozen encoder; the probe's top-1 is the sweep objective
+(reconstruction loss falls as the mask ratio falls, so it must not steer the search; it
+is reported too). `ParquetCallback` turns Tune's events into the sweep folder's
+`trials.parquet` and `epochs.parquet` (see `ray_jobs.results`).
+
+The presets `sweep_mask_ratio.py` and `sweep_decoder.py` only choose a default
+experiment file; everything else (flags, validation, resume) lives here.
+"""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+import mae
+from mae.config import ConfigError, ExperimentConfig, config_from_dict, flatten, load_config, replace, to_dict
+from ray_jobs import cluster, results
+from ray_jobs.pretrain import FaultInjection, fit_and_probe, resolve_storage
+from ray_jobs.space import Choice, Dimension, Range, validate_experiment
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_FILE = "experiment.yaml"  # the resolved config a sweep ran with, read back by --resume
+FINAL_MARK = "probe_top1"  # only a trial's last report (after the probe) carries it
+
+
+# -- the trial -------------------------------------------------------------------------
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], options: dict[str, Any]) -> None:
+    """One Tune trial: pretrain with a TorchTrainer, probe, report the objective."""
+    t0 = time.perf_counter()
+    cfg = replace(config_from_dict(base), params)
+    trial_id = tune.get_context().get_trial_id()
+    fault = None
+    if options.get("fail_at_epoch"):
+        fault = FaultInjection(options["fail_at_epoch"], os.path.join(options["marker_dir"], f"fault-{trial_id}"))
+    out = fit_and_probe(cfg, f"train-{trial_id}", options["train_storage"],
+                        callbacks=[TuneReportCallback()], fault=fault)
+    history = out.pop("history")
+    out["wall_time_s"] = time.perf_counter() - t0
+    out["train_loss"] = out.get("final_train_loss")  # what a scheduler (ASHA) watches
+    out["history_json"] = json.dumps(history)
+    tune.report(out)
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+class FinalMetricOptunaSearch(OptunaSearch):
+    """OptunaSearch that ignores the per-epoch reports, which do not carry the objective."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+class ParquetCallback(tune.Callback):
+    """Tune events -> `SweepRecorder` rows -> the two Parquet tables (see ray_jobs.results).
+
+    Tables are rewritten when a trial starts, finishes or fails, and at most every
+    `min_interval_s` while epochs come in. `interrupt_after` (testing) sends this process
+    SIGINT, as Ctrl-C would, once that many trials have finished.
+    """
+
+    def __init__(self, folder: str, base: ExperimentConfig, code_version: str, interrupt_after: int = 0,
+                 min_interval_s: float = 10.0) -> None:
+        self.folder = folder
+        self.base = base
+        self.code_version = code_version
+        self.interrupt_after = interrupt_after
+        self.min_interval_s = min_interval_s
+        self.completed = 0
+        self.total_trials: int | None = None
+        self._recorder: results.SweepRecorder | None = None
+
+    @property
+    def recorder(self) -> results.SweepRecorder:
+        if self._recorder is None:  # lazily: picks up the tables a resumed sweep already wrote
+            self._recorder = results.SweepRecorder(self.folder, Path(self.folder).name, self.base.sweep.metric,
+                                                   self.code_version, self.min_interval_s)
+        return self._recorder
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks into the experiment state; the rows live in the tables.
+        return {**self.__dict__, "_recorder": None}
+
+    def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
+              **info: Any) -> None:
+        self.total_trials = total_num_samples
+
+    def _row(self, trial: Any, status: str, error: str | None = None) -> None:
+        params = dict(trial.config)
+        self.recorder.trial(trial.trial_id, replace(self.base, params), params, status, error)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._row(trial, "RUNNING")
+        self.recorder.write()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if FINAL_MARK not in result:
+            self.recorder.epoch(trial.trial_id, result)
+            self.recorder.write(force=False)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        final = trial.last_result or {}
+        if FINAL_MARK in final:
+            self._row(trial, "TERMINATED")
+            self.recorder.finish(trial.trial_id, final, json.loads(final.get("history_json") or "[]"))
+        else:  # a scheduler ended it before the probe
+            self._row(trial, "STOPPED")
+            self.recorder.stopped(trial.trial_id)
+        self.recorder.write()
+        self.completed += 1
+        if self.interrupt_after and self.completed >= self.interrupt_after:
+            log.warning("--interrupt-after %d: interrupting the sweep as Ctrl-C would", self.interrupt_after)
+            signal.raise_signal(signal.SIGINT)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = trial.get_error()
+        self._row(trial, "ERROR", error=str(error) if error else "unknown error")
+        self.recorder.write()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.recorder.write()
+
+
+# -- building the Tuner ----------------------------------------------------------------
+
+
+def tune_space(dims: list[Dimension], search: str) -> dict[str, Any]:
+    """Our dimensions as Tune's param_space: grid_search for grids, domains for Optuna."""
+    space: dict[str, Any] = {}
+    for d in dims:
+        if isinstance(d, Choice):
+            space[d.key] = tune.grid_search(list(d.values)) if search == "grid" else tune.choice(list(d.values))
+        elif isinstance(d, Range) and d.is_int:
+            space[d.key] = (tune.lograndint if d.log else tune.randint)(int(d.low), int(d.high) + 1)
+        else:
+            space[d.key] = (tune.loguniform if d.log else tune.uniform)(float(d.low), float(d.high))
+    return space
+
+
+def tune_config(cfg: ExperimentConfig) -> tune.TuneConfig:
+    s = cfg.sweep
+    search_alg = None
+    if s.search == "optuna":
+        search_alg = FinalMetricOptunaSearch(metric=s.metric, mode=s.mode, seed=cfg.train.seed)
+    scheduler = None
+    if s.scheduler == "asha":
+        # Rungs on the per-epoch training loss: the probe only runs at the end. One more
+        # iteration than epochs, so the last epoch is never cut off before its probe.
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric="train_loss", mode="min",
+                                  max_t=cfg.train.epochs + 1, grace_period=max(1, cfg.train.epochs // 4))
+    return tune.TuneConfig(
+        search_alg=search_alg, scheduler=scheduler, num_samples=s.num_samples,
+        max_concurrent_trials=s.max_concurrent, trial_dirname_creator=_trial_dirname,
+    )
+
+
+def trainable(base: ExperimentConfig, options: dict[str, Any]) -> Any:
+    fn = tune.with_parameters(run_trial, base=to_dict(base), options=options)
+    return tune.with_resources(fn, cluster.trial_resources())
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything decided before Ray starts: a bad experiment fails here."""
+
+    cfg: ExperimentConfig
+    dims: list[Dimension]
+    storage: str
+    name: str
+    folder: str
+    resume: bool
+
+
+def build_parser(default_experiment: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", default=default_experiment, help=f"experiment YAML (default {default_experiment})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set train.epochs=5 "
+                        "or --set 'sweep.space={mask.ratio: [0.5, 0.75]}'")
+    p.add_argument("--storage", default="results",
+                   help="folder (made absolute) or URI that holds sweep folders (default ./results)")
+    p.add_argument("--name", help="sweep name, the sweep folder under --storage (default: the experiment's name)")
+    p.add_argument("--num-samples", type=int, help="Optuna trials, or repeats of the grid (sweep.num_samples)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (sweep.max_concurrent)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep in the folder: finished trials are kept, "
+                        "unfinished and failed ones continue from their last checkpoints")
+    p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS; 'auto' = the one `ray start` "
+                                     "began on this machine); without one, an embedded Ray is started")
+    testing = p.add_argument_group("fault injection (tests)")
+    testing.add_argument("--fail-at-epoch", type=int, default=0, metavar="K",
+                         help="kill each trial's rank-0 worker once, right after epoch K's checkpoint")
+    testing.add_argument("--interrupt-after", type=int, default=0, metavar="N",
+                         help="interrupt the sweep (as Ctrl-C) once N trials have finished")
+    return p
+
+
+def _exists(path: str) -> bool:
+    if results.is_uri(path):
+        fs, fs_path = pafs.FileSystem.from_uri(path)
+        return fs.get_file_info(fs_path).type != pafs.FileType.NotFound
+    return Path(path).exists()
+
+
+def _write_text(path: str, text: str) -> None:
+    if results.is_uri(path):
+        fs, fs_path = pafs.FileSystem.from_uri(path)
+        with fs.open_output_stream(fs_path) as f:
+            f.write(text.encode())
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
+def _read_text(path: str) -> str:
+    if results.is_uri(path):
+        fs, fs_path = pafs.FileSystem.from_uri(path)
+        with fs.open_input_stream(fs_path) as f:
+            return f.read().decode()
+    return Path(path).read_text()
+
+
+def _absolute_data_dir(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Trials run in other working directories: anchor a relative data_dir at ours."""
+    d = cfg.data.data_dir
+    if d and "://" not in d and not os.path.isabs(d):
+        return replace(cfg, {"data.data_dir": str(Path(d).resolve())})
+    return cfg
+
+
+def plan_sweep(args: argparse.Namespace) -> Plan:
+    """Load, override and validate the experiment; decide the sweep folder. Raises ConfigError."""
+    extra = []
+    if args.num_samples is not None:
+        extra.append(f"sweep.num_samples={args.num_samples}")
+    if args.max_concurrent is not None:
+        extra.append(f"sweep.max_concurrent={args.max_concurrent}")
+    cfg = _absolute_data_dir(load_config(args.experiment, list(args.overrides) + extra))
+    storage = resolve_storage(args.storage)
+    name = args.name or cfg.name
+    folder = results.join(storage, name)
+    saved = results.join(folder, EXPERIMENT_FILE)
+    if args.resume:
+        if not _exists(saved):
+            raise ConfigError(f"--resume: no sweep to resume in {folder} (no {EXPERIMENT_FILE}); "
+                              "check --storage and --name")
+        import yaml
+
+        saved_cfg = config_from_dict(yaml.safe_load(_read_text(saved)))
+        if args.max_concurrent is not None:  # the one thing a resume may change
+            saved_cfg = replace(saved_cfg, {"sweep.max_concurrent": args.max_concurrent})
+        saved_flat, asked = flatten(saved_cfg), flatten(cfg)
+        differ = sorted(k for k in saved_flat if saved_flat[k] != asked.get(k))
+        if differ:
+            log.warning("--resume: continuing with the experiment saved in %s; this command differs in %s, "
+                        "which is ignored", saved, ", ".join(differ))
+        cfg = saved_cfg
+    elif _exists(folder) and any(_exists(results.join(folder, f)) for f in
+                                 (EXPERIMENT_FILE, results.TRIALS_FILE, "tuner.pkl")):
+        raise ConfigError(f"sweep folder {folder} already holds a sweep: add --resume to continue it, "
+                          "or choose another --name")
+    if args.fail_at_epoch and args.fail_at_epoch >= cfg.train.epochs:
+        raise ConfigError(f"--fail-at-epoch {args.fail_at_epoch} must be below train.epochs ({cfg.train.epochs})")
+    dims = validate_experiment(cfg)
+    return Plan(cfg, dims, storage, name, folder, args.resume)
+
+
+def code_version() -> str:
+    """git commit of this checkout (+dirty when tracked files changed), else mae's version."""
+    try:
+        root = str(cluster.REPO_ROOT)
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"git:{sha}{'+dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return f"mae-{mae.__version__}"
+
+
+def run_sweep(plan: Plan, args: argparse.Namespace) -> int:
+    """Start or restore the Tuner, keep the tables, print the summary; the exit status."""
+    import yaml
+
+    cfg = plan.cfg
+    # The objective arrives only with a trial's last report; epoch reports lack it.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    mode = cluster.init_ray(args.address, trial_drivers=cfg.sweep.max_concurrent)
+    marker_dir = plan.folder if not results.is_uri(plan.folder) else os.path.join(os.getcwd(), ".faults")
+    options = {"train_storage": plan.folder, "fail_at_epoch": args.fail_at_epoch, "marker_dir": marker_dir}
+    callback = ParquetCallback(plan.folder, cfg, code_version(), interrupt_after=args.interrupt_after)
+    fn = trainable(cfg, options)
+    log.info("sweep %s (%s Ray): %d searched key(s) %s, results in %s", plan.name, mode, len(plan.dims),
+             [d.key for d in plan.dims], plan.folder)
+    if plan.resume:
+        tuner = tune.Tuner.restore(plan.folder, fn, resume_unfinished=True, restart_errored=True)
+        # Tune restores the callbacks it pickled; use this run's (fresh options, e.g. no interrupt).
+        tuner._local_tuner.get_run_config().callbacks = [callback]
+    else:
+        _write_text(results.join(plan.folder, EXPERIMENT_FILE), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        tuner = tune.Tuner(
+            fn,
+            param_space=tune_space(plan.dims, cfg.sweep.search),
+            tune_config=tune_config(cfg),
+            run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage, callbacks=[callback],
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    grid = tuner.fit()
+    callback.recorder.write()
+    trials = callback.recorder.trials_table()
+    print()
+    print(f"sweep {plan.name}: {trials.num_rows} trial(s), objective {cfg.sweep.metric} ({cfg.sweep.mode})")
+    print(results.summarize(trials, cfg.sweep.metric, cfg.sweep.mode, [d.key for d in plan.dims]))
+    print(f"trials table: {callback.recorder.trials_path}")
+    print(f"epochs table: {callback.recorder.epochs_path}")
+    done = [s for s in trials.column("status").to_pylist() if s in ("TERMINATED", "STOPPED", "ERROR")]
+    if len(done) < max(len(grid), callback.total_trials or 0):
+        print(f"interrupted: resume with the same command plus --resume (sweep folder {plan.folder})")
+        return 130
+    if grid.num_errors:
+        print(f"{grid.num_errors} trial(s) failed (see the error column); --resume retries them")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None, default_experiment: str = "experiments/sweep_mask_ratio.yaml",
+         description: str = __doc__) -> int:
+    args = build_parser(default_experiment, description).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        plan = plan_sweep(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run_sweep(plan, args)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,212 @@
+"""Ray Train + Tune end to end, on CPUs: the smoke sweep, fault tolerance, resume, cluster jobs.
+
+To keep the file at a few minutes on 2 cores, one interrupted-then-resumed sweep with an
+injected worker kill serves several tests (each asserts its own property), and the job
+test runs a one-point sweep. All runs use experiments/smoke_sweep.yaml shrunk by --set.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # ray_jobs is a folder of scripts, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from ray_jobs import results  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SWEEP = [sys.executable, str(REPO / "ray_jobs" / "sweep_mask_ratio.py")]
+TINY = [
+    "--experiment", str(REPO / "experiments" / "smoke_sweep.yaml"),
+    "--set", "data.train_subset=256",
+    "--set", "probe.quick_train_size=200", "--set", "probe.quick_test_size=200", "--set", "probe.quick_epochs=10",
+]
+EPOCHS = 2  # smoke_sweep.yaml's train.epochs
+RUN_TIMEOUT_S = 600
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # embedded Ray unless asked
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def _run(args: list[str], cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    sys.stdout.write(proc.stdout[-4000:])  # shown by pytest when a test fails
+    sys.stderr.write(proc.stderr[-4000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(tmp_path_factory):
+    """A sweep whose workers are each killed once after epoch 1, interrupted after its first
+    trial, then resumed with --resume: {"folder", "first": (proc, trials rows), "second": proc}."""
+    storage = tmp_path_factory.mktemp("results")
+    common = [*SWEEP, *TINY, "--storage", str(storage), "--name", "faulty", "--fail-at-epoch", "1"]
+    first = _run([*common, "--max-concurrent", "1", "--interrupt-after", "1"], cwd=storage)
+    folder = storage / "faulty"
+    first_rows = pq.read_table(folder / results.TRIALS_FILE).to_pylist() if (folder / results.TRIALS_FILE).exists() else []
+    second = _run([*common, "--resume"], cwd=storage)
+    return {"folder": folder, "first": (first, first_rows), "second": second}
+
+
+def _tables(folder: Path):
+    return pq.read_table(folder / results.TRIALS_FILE), pq.read_table(folder / results.EPOCHS_FILE)
+
+
+def test_smoke_sweep_writes_both_tables_with_loadable_checkpoints(resumed_sweep):
+    from mae.engine import load_model
+
+    assert resumed_sweep["second"].returncode == 0
+    trials, epochs = _tables(resumed_sweep["folder"])
+    assert trials.column_names == list(results.trials_schema().names)
+    assert trials.schema.equals(results.trials_schema())
+    assert epochs.schema.equals(results.epochs_schema())
+    rows = trials.to_pylist()
+    assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
+    assert sorted(r["mask.ratio"] for r in rows) == [0.5, 0.75]
+    for row in rows:
+        assert row["status"] == "TERMINATED", row["error"]
+        assert 0.0 < row["probe_top1"] <= 1.0 and row["probe_n_test"] == 200
+        assert row["final_train_loss"] > 0 and row["epochs_completed"] == EPOCHS
+        assert row["images_per_sec"] > 0 and row["wall_time_s"] > 0 and row["code_version"]
+        model, cfg = load_model(row["checkpoint_path"])
+        assert cfg.mask.ratio == row["mask.ratio"] and cfg.train.epochs == EPOCHS
+        assert Path(row["checkpoint_path"]).name == f"checkpoint-{EPOCHS:04d}"
+    out = resumed_sweep["second"].stdout
+    assert "trials table:" in out and str(resumed_sweep["folder"] / results.TRIALS_FILE) in out
+
+
+def test_killed_worker_is_retried_from_its_last_checkpoint(resumed_sweep):
+    folder = resumed_sweep["folder"]
+    trials, epochs = _tables(folder)
+    for row in trials.to_pylist():
+        assert (folder / f"fault-{row['trial_id']}").exists(), "the fault was not injected"
+        assert row["resumed_from_epoch"] == 1, "the retried workers did not start from epoch 1's checkpoint"
+    keys = [(r["trial_id"], r["epoch"]) for r in epochs.to_pylist()]
+    assert len(keys) == len(set(keys)), "duplicate epochs"
+    assert sorted(keys) == sorted((t, e) for t in trials.column("trial_id").to_pylist() for e in range(1, EPOCHS + 1))
+    steps = {(r["trial_id"], r["epoch"]): r["step"] for r in epochs.to_pylist()}
+    for t in trials.column("trial_id").to_pylist():
+        assert steps[(t, 2)] == 2 * steps[(t, 1)]  # the step count carried over the restart
+
+
+def test_interrupted_sweep_resumes_to_complete_tables(resumed_sweep):
+    first, first_rows = resumed_sweep["first"]
+    assert first.returncode == 130, "the interrupted run should say so"
+    assert "--resume" in first.stdout
+    finished = [r for r in first_rows if r["status"] == "TERMINATED"]
+    assert len(finished) == 1, "the first run should have finished exactly one trial before the interrupt"
+    assert resumed_sweep["second"].returncode == 0
+    trials, _ = _tables(resumed_sweep["folder"])
+    by_id = {r["trial_id"]: r for r in trials.to_pylist()}
+    assert [r["status"] for r in by_id.values()] == ["TERMINATED", "TERMINATED"]
+    kept = by_id[finished[0]["trial_id"]]
+    assert kept["updated_at"] == finished[0]["updated_at"], "a finished trial was run again"
+    assert kept["probe_top1"] == finished[0]["probe_top1"]
+
+
+def test_bad_experiment_fails_before_ray_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    text = (REPO / "experiments" / "smoke_sweep.yaml").read_text()
+    bad.write_text(text.replace("mask.ratio: [0.5, 0.75]", "mask.ratio: [0.5, 1.0]"))
+    proc = _run([*SWEEP, "--experiment", str(bad), "--storage", str(tmp_path / "results")])
+    assert proc.returncode == 2
+    assert "mask.ratio" in proc.stderr and "1.0" in proc.stderr
+    assert not (tmp_path / "results").exists(), "nothing may be written for a bad experiment"
+    assert "Started a local Ray" not in proc.stderr + proc.stdout
+
+
+# -- a real cluster: `ray start` + `ray job submit` ------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:  # it answered (401 without the token): it is up
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
+
+
+@pytest.fixture
+def ray_cluster():
+    """`ray start --head --block` on free loopback ports, token auth on, in a private temp dir.
+
+    Stopped by signalling the process this fixture started (SIGTERM, then SIGKILL to its
+    process group): `ray stop` would stop every Ray on this shared machine.
+    """
+    token = uuid.uuid4().hex
+    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing to drain: stop at once
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dashboard = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         "--resources=" + json.dumps({"trial_driver": 2}), f"--temp-dir={temp_dir}"],
+        env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{dashboard}/api/version", timeout_s=120)
+        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
+    finally:
+        head.send_signal(signal.SIGTERM)  # ray start drains, then stops what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_sweep_on_a_cluster(ray_cluster, tmp_path):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    denied = _run([ray_bin, "job", "list", "--address", ray_cluster["address"]],
+                  env={**ray_cluster["env"], "RAY_AUTH_TOKEN": "not-the-token"})
+    assert denied.returncode != 0, "the cluster accepted a wrong token"
+    storage = tmp_path / "results"
+    proc = _run(
+        [ray_bin, "job", "submit", "--address", ray_cluster["address"], "--working-dir", ".", "--",
+         "python", "ray_jobs/sweep_mask_ratio.py", *TINY, "--set", "train.epochs=1",
+         "--set", "sweep.space={mask.ratio: [0.75]}", "--storage", str(storage), "--name", "job"],
+        env=ray_cluster["env"],
+    )
+    assert proc.returncode == 0
+    assert "succeeded" in proc.stdout + proc.stderr
+    assert "connected to the Ray cluster" in proc.stdout + proc.stderr  # not an embedded Ray
+    trials, epochs = _tables(storage / "job")
+    (row,) = trials.to_pylist()
+    assert row["status"] == "TERMINATED" and row["mask.ratio"] == 0.75 and row["probe_top1"] > 0
+    assert epochs.num_rows == 1
