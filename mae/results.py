@@ -257,6 +257,41 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def default_root() -> Path:
+    """./results, or ../results from a sub-folder such as analysis/ (where Jupyter starts a notebook's kernel)."""
+    here, parent = Path(DEFAULT_ROOT), Path("..") / DEFAULT_ROOT
+    return parent if not here.is_dir() and parent.is_dir() else here
+
+
+def with_model_args(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` (trials or joined) plus the resolved model shape of each row.
+
+    Adds `embed_dim`, `depth`, `patch_size`, `img_size`, `decoder_embed_dim`,
+    `decoder_depth`: the variant's values (`model.name`) where the trial left the
+    `model.*` override unset, so an unset decoder depth reads as the depth it trained with.
+    """
+    from mae.models import OVERRIDABLE, model_args  # local: the rest of this module needs no torch
+
+    keys = ["embed_dim", "depth", "patch_size", "img_size", "decoder_embed_dim", "decoder_depth"]
+    def resolve(row: pd.Series) -> pd.Series:
+        overrides = {k: _plain(row[f"model.{k}"]) for k in OVERRIDABLE
+                     if f"model.{k}" in row and not _missing(row[f"model.{k}"])}
+        args = model_args(row["model.name"], **overrides)
+        return pd.Series({k: args[k] for k in keys})
+    if frame.empty:
+        return frame.assign(**{k: pd.Series(dtype="Int64") for k in keys})
+    return pd.concat([frame, frame.apply(resolve, axis=1).astype("Int64")], axis=1)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (what pandas hands out) as Python ones."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def is_sweep_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / TRIALS_FILE).is_file()
 
@@ -274,13 +309,13 @@ def load_sweep(folder: str | os.PathLike | None = None) -> Sweep:
     )
 
 
-def list_sweeps(root: str | os.PathLike = DEFAULT_ROOT) -> pd.DataFrame:
-    """The sweep folders under `root` (its children holding a trials.parquet), newest first.
+def list_sweeps(root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The sweep folders under `root` (default `default_root()`) holding a trials.parquet, newest first.
 
     Columns: name, folder, trials, finished, objective, best (the best objective value),
     probed / finetuned (whether probe.parquet / finetune.parquet exist), updated (UTC).
     """
-    root = Path(root)
+    root = Path(root) if root is not None else default_root()
     rows = []
     for folder in sorted(p for p in root.iterdir() if is_sweep_folder(p)) if root.is_dir() else []:
         sweep = load_sweep(folder)
@@ -300,8 +335,9 @@ def list_sweeps(root: str | os.PathLike = DEFAULT_ROOT) -> pd.DataFrame:
     return frame.sort_values("updated", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def newest_sweep(root: str | os.PathLike = DEFAULT_ROOT) -> Path:
-    """The sweep folder under `root` whose trials table was written last."""
+def newest_sweep(root: str | os.PathLike | None = None) -> Path:
+    """The sweep folder under `root` (default `default_root()`) whose trials table was written last."""
+    root = Path(root) if root is not None else default_root()
     sweeps = list_sweeps(root)
     if sweeps.empty:
         raise ResultsNotFoundError(
@@ -311,8 +347,9 @@ def newest_sweep(root: str | os.PathLike = DEFAULT_ROOT) -> Path:
     return Path(sweeps.loc[0, "folder"])
 
 
-def results_dir(path: str | os.PathLike | None = None, root: str | os.PathLike = DEFAULT_ROOT) -> Path:
-    """The sweep folder to read: `path`, else $MAE_RESULTS_DIR, else the newest sweep under `root`.
+def results_dir(path: str | os.PathLike | None = None, root: str | os.PathLike | None = None) -> Path:
+    """The sweep folder to read: `path`, else $MAE_RESULTS_DIR, else the newest sweep under `root`
+    (default: ./results, or ../results from analysis/).
 
     `path` (or the variable) may also name a folder of sweeps; its newest sweep is taken.
     """

@@ -7,7 +7,8 @@
    `data`, `probe` and `finetune` sections of `--experiment` (when given) replace its own,
    then `--set section.key=value` overrides apply. A foreign checkpoint takes the whole
    config from `--experiment`.
-3. Run: one Ray Train `TorchTrainer` per chosen encoder. Its worker calls the library
+3. Run: one Ray Train `TorchTrainer` per chosen encoder, up to `--max-concurrent` at once
+   (each driven from a light Ray task, as a sweep's trials are). Its worker calls the library
    (`mae.probe.linear_probe` or `mae.finetune.finetune`) and reports the result with a
    small checkpoint (`result.json`, plus the fine-tuned classifier), since Ray Train V2
    keeps only metrics that come with a checkpoint.
@@ -261,6 +262,8 @@ def build_parser(job: Job, description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help=f"override one config value (repeatable), e.g. --set {job.section}.epochs=5")
     p.add_argument("--out", help=f"folder for {job.table} and the Train runs (default: the sweep folder)")
+    p.add_argument("--max-concurrent", type=int,
+                   help="encoders run at once (default: the experiment's sweep.max_concurrent)")
     p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS); none: an embedded Ray")
     return p
 
@@ -278,23 +281,34 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
     except (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        print(f"error: --max-concurrent must be >= 1, got {args.max_concurrent}", file=sys.stderr)
+        return 2
+    concurrent = args.max_concurrent or targets[0].cfg.sweep.max_concurrent
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     version = code_version()
     table = RunTable(job, folder)
-    cluster.init_ray(args.address)
-    failed = 0
+    cluster.init_ray(args.address, trial_drivers=concurrent)
+    # Each encoder's TorchTrainer is driven from a light Ray task holding a trial_driver
+    # unit (as a sweep's trials are), so `concurrent` of them train at once.
+    drive = ray.remote(run_target).options(max_retries=0, **_driver_options())
+    queue, pending, failed = list(targets), {}, 0
     try:
-        for target in targets:
-            log.info("%s %s (%s) from %s", job.kind, target.label,
-                     f"rank {target.selected_rank} by {target.selected_by}" if target.trial_id else "checkpoint",
-                     target.checkpoint)
+        while queue or pending:
+            while queue and len(pending) < concurrent:
+                target = queue.pop(0)
+                log.info("%s %s (%s) from %s", job.kind, target.label,
+                         f"rank {target.selected_rank} by {target.selected_by}" if target.trial_id else "checkpoint",
+                         target.checkpoint)
+                pending[drive.remote(job, target, folder, run_id, workers, from_scratch)] = target
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            target = pending.pop(ref)
             metrics, error = None, None
             try:
-                metrics = run_target(job, target, folder, run_id, workers, from_scratch)
+                metrics = ray.get(ref)
             except Exception as e:  # one failed encoder must not lose the others' rows
                 failed += 1
-                lines = [line for line in traceback.format_exception_only(e)[-1].splitlines() if line.strip()]
-                error = lines[-1][:500] if lines else type(e).__name__
+                error = _last_line(getattr(e, "cause", None) or e)
                 log.error("%s of %s failed: %s", job.kind, target.label, error)
             table.add(make_row(job, target, run_id, folder.name, version, metrics, error, from_scratch))
     finally:
@@ -302,13 +316,25 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
             ray.shutdown()
     shown = ["trial_id", "selected_rank", "selected_value", *(["init"] if job.kind == "finetune" else []),
              "status", "top1", "best_top1", "epochs_completed", "seconds"]
-    rows = [r for r in table.rows if r["run_id"] == run_id]
+    rows = sorted((r for r in table.rows if r["run_id"] == run_id), key=lambda r: r["selected_rank"] or 0)
     print()
     print(f"{job.kind} run {run_id}: {len(rows)} encoder(s), {failed} failed")
     for r in rows:
         print("  " + "  ".join(f"{k}={_short(r.get(k))}" for k in shown))
     print(f"table: {table.path}")
     return 1 if failed else 0
+
+
+def _driver_options() -> dict[str, Any]:
+    resources = cluster.trial_resources()
+    if cluster.TRIAL_DRIVER in resources:
+        return {"num_cpus": 0, "resources": resources}
+    return {"num_cpus": resources["CPU"]}
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line for line in traceback.format_exception_only(error)[-1].splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(error).__name__
 
 
 def _short(value: Any) -> str:

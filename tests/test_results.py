@@ -147,3 +147,22 @@ def test_reuse_schemas_carry_their_recipe_and_context_columns():
         assert schema.names[:2] == ["trial_id", "run_id"]
         assert {"model.name", "data.dataset", "train.seed", "top1", "history", "created_at"} <= set(schema.names)
     assert "init" in ft.names and "init" not in probe.names
+
+
+def test_model_shape_resolves_the_variant_defaults(sweep_folder):
+    trials = results.load_sweep(sweep_folder).trials
+    trials.loc[:, "model.name"] = "mae_vit_micro_patch4"
+    trials.loc[trials["trial_id"] == "b", "model.decoder_depth"] = 8
+    shaped = results.with_model_args(trials).set_index("trial_id")
+    assert shaped.loc["a", "decoder_depth"] == 2 and shaped.loc["b", "decoder_depth"] == 8  # micro's default: 2
+    assert shaped.loc["a", "decoder_embed_dim"] == 64 and shaped.loc["a", "embed_dim"] == 96
+    assert "decoder_depth" in results.with_model_args(trials.iloc[:0]).columns
+
+
+def test_default_root_is_found_from_a_sub_folder(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "analysis").mkdir()
+    monkeypatch.chdir(tmp_path / "analysis")  # where Jupyter starts a notebook's kernel
+    assert results.default_root() == Path("..") / "results"
+    monkeypatch.chdir(tmp_path)
+    assert results.default_root() == Path("results")
