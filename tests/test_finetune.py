@@ -182,3 +182,28 @@ def test_finetune_from_scratch_and_argument_errors(fashion_mnist_dir, pretrained
     model = build_model(cfg)
     with pytest.raises(ValueError, match="finetune.batch_size"):
         finetune(load_config(SMOKE, [*TINY_FINETUNE, "finetune.train_subset=16"]), model, progress=False)
+
+
+def _ddp_finetune(rank: int, world_size: int, init_file: str, out: str) -> None:
+    """One DDP rank (gloo, CPU) of a tiny fine-tuning run; writes what the test compares."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        weights = build_mae("mae_vit_micro_patch4").state_dict()  # the same on every rank
+        cfg = _cfg("finetune.batch_size=16", "finetune.train_subset=64", "finetune.test_subset=40")
+        result = finetune(cfg, weights, device="cpu", progress=False)
+        torch.save({"top1": result.top1, "steps": result.epochs[-1]["step"],
+                    "qkv": result.model.blocks[0].attn.qkv.weight.detach().clone()}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_finetune_under_ddp_shards_the_data_and_keeps_ranks_in_step(fashion_mnist_dir, tmp_path):
+    torch.multiprocessing.spawn(_ddp_finetune, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == 64 // 2 // 16  # each rank saw its half of the images
+    assert r0["top1"] == r1["top1"]  # evaluated on both ranks' shards together
+    torch.testing.assert_close(r0["qkv"], r1["qkv"], rtol=0, atol=0)  # gradients were averaged

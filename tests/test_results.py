@@ -166,3 +166,11 @@ def test_default_root_is_found_from_a_sub_folder(tmp_path, monkeypatch):
     assert results.default_root() == Path("..") / "results"
     monkeypatch.chdir(tmp_path)
     assert results.default_root() == Path("results")
+
+
+def test_analysis_readme_documents_every_column_of_the_reuse_tables():
+    text = (REPO / "analysis" / "README.md").read_text()
+    for column in {c.name for c in results.PROBE_COLUMNS + results.FINETUNE_COLUMNS}:
+        assert f"| `{column}` |" in text, f"analysis/README.md does not document {column}"
+    for column in results.FINETUNE_COLUMNS:
+        assert column.meaning in text, f"the meaning of {column.name} changed; update analysis/README.md"
