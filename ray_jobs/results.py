@@ -61,7 +61,7 @@ TRIAL_COLUMNS: list[Column] = [
     Column("best_train_loss", pa.float64(), "lowest epoch reconstruction loss"),
     Column("best_epoch", pa.int64(), "epoch (1-based) of best_train_loss"),
     Column("epochs_completed", pa.int64(), "epochs trained, over all attempts"),
-    Column("resumed_from_epoch", pa.int64(), "epoch the last attempt resumed from (0: it started fresh)"),
+    Column("resumed_from_epoch", pa.int64(), "epoch the attempt that wrote the final checkpoint resumed from (0: it started fresh)"),
     Column("checkpoint_path", pa.string(), "final checkpoint folder; load with mae.engine.load_model"),
     Column("train_time_s", pa.float64(), "sum of epoch times over all attempts"),
     Column("wall_time_s", pa.float64(), "seconds of the trial's last attempt, start to end (training + probe)"),

@@ -123,11 +123,15 @@ def test_interrupted_sweep_resumes_to_complete_tables(resumed_sweep):
     assert kept["probe_top1"] == finished[0]["probe_top1"]
 
 
-def test_bad_experiment_fails_before_ray_starts(tmp_path):
+@pytest.mark.parametrize("script, old, new", [
+    ("sweep_mask_ratio.py", "mask.ratio: [0.5, 0.75]", "mask.ratio: [0.5, 1.0]"),  # a bad grid point
+    ("pretrain.py", "ratio: 0.75", "ratio: 1.0"),
+])
+def test_bad_experiment_fails_before_ray_starts(tmp_path, script, old, new):
     bad = tmp_path / "bad.yaml"
-    text = (REPO / "experiments" / "smoke_sweep.yaml").read_text()
-    bad.write_text(text.replace("mask.ratio: [0.5, 0.75]", "mask.ratio: [0.5, 1.0]"))
-    proc = _run([*SWEEP, "--experiment", str(bad), "--storage", str(tmp_path / "results")])
+    bad.write_text((REPO / "experiments" / "smoke_sweep.yaml").read_text().replace(old, new, 1))
+    proc = _run([sys.executable, str(REPO / "ray_jobs" / script), "--experiment", str(bad),
+                 "--storage", str(tmp_path / "results")])
     assert proc.returncode == 2
     assert "mask.ratio" in proc.stderr and "1.0" in proc.stderr
     assert not (tmp_path / "results").exists(), "nothing may be written for a bad experiment"
@@ -156,7 +160,7 @@ def _wait_http(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout_s}s")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_cluster():
     """`ray start --head --block` on free loopback ports, token auth on, in a private temp dir.
 
@@ -197,16 +201,21 @@ def test_ray_job_submit_runs_the_sweep_on_a_cluster(ray_cluster, tmp_path):
                   env={**ray_cluster["env"], "RAY_AUTH_TOKEN": "not-the-token"})
     assert denied.returncode != 0, "the cluster accepted a wrong token"
     storage = tmp_path / "results"
-    proc = _run(
+    proc = _run(  # one trial with two DDP workers: the trial driver holds no CPU, so both fit on 2 CPUs
         [ray_bin, "job", "submit", "--address", ray_cluster["address"], "--working-dir", ".", "--",
          "python", "ray_jobs/sweep_mask_ratio.py", *TINY, "--set", "train.epochs=1",
-         "--set", "sweep.space={mask.ratio: [0.75]}", "--storage", str(storage), "--name", "job"],
+         "--set", "sweep.workers_per_trial=2", "--set", "sweep.space={mask.ratio: [0.75]}",
+         "--storage", str(storage), "--name", "job"],
         env=ray_cluster["env"],
     )
     assert proc.returncode == 0
-    assert "succeeded" in proc.stdout + proc.stderr
-    assert "connected to the Ray cluster" in proc.stdout + proc.stderr  # not an embedded Ray
+    output = proc.stdout + proc.stderr
+    assert "succeeded" in output
+    assert "connected to the Ray cluster" in output  # not an embedded Ray
+    assert "world_size=2" in output  # the process group really had two ranks
     trials, epochs = _tables(storage / "job")
     (row,) = trials.to_pylist()
     assert row["status"] == "TERMINATED" and row["mask.ratio"] == 0.75 and row["probe_top1"] > 0
+    assert row["world_size"] == 2 and row["sweep.workers_per_trial"] == 2
     assert epochs.num_rows == 1
+
