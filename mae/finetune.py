@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -259,10 +258,3 @@ def finetune(
     result.model = model
     return result
 
-
-def finetune_summary(result: FinetuneResult) -> dict[str, Any]:
-    """The scalar results, for a table row."""
-    return {"top1": result.top1, "best_top1": result.best_top1, "init": result.init,
-            "epochs_completed": len(result.epochs), "seconds": result.seconds,
-            "images_per_sec": result.images_per_sec,
-            "final_train_loss": result.epochs[-1]["train_loss"] if result.epochs else math.nan}

@@ -184,8 +184,10 @@ class Sweep:
     def labels(self) -> pd.Series:
         """A short label per trial ('mask.ratio=0.75'), indexed by trial_id."""
         searched = self.searched
+
         def label(row: pd.Series) -> str:
             return ", ".join(f"{k}={_fmt(row[k])}" for k in searched if k in row) or str(row["trial_id"])
+
         if self.trials.empty:
             return pd.Series(dtype=str)
         return self.trials.set_index("trial_id", drop=False).apply(label, axis=1)
@@ -273,11 +275,13 @@ def with_model_args(frame: pd.DataFrame) -> pd.DataFrame:
     from mae.models import OVERRIDABLE, model_args  # local: the rest of this module needs no torch
 
     keys = ["embed_dim", "depth", "patch_size", "img_size", "decoder_embed_dim", "decoder_depth"]
+
     def resolve(row: pd.Series) -> pd.Series:
         overrides = {k: _plain(row[f"model.{k}"]) for k in OVERRIDABLE
                      if f"model.{k}" in row and not _missing(row[f"model.{k}"])}
         args = model_args(row["model.name"], **overrides)
         return pd.Series({k: args[k] for k in keys})
+
     if frame.empty:
         return frame.assign(**{k: pd.Series(dtype="Int64") for k in keys})
     return pd.concat([frame, frame.apply(resolve, axis=1).astype("Int64")], axis=1)
