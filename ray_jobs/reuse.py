@@ -281,9 +281,10 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
     except (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        print(f"error: --max-concurrent must be >= 1, got {args.max_concurrent}", file=sys.stderr)
-        return 2
+    for flag, value in (("--max-concurrent", args.max_concurrent), ("--workers", workers)):
+        if value is not None and value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     concurrent = args.max_concurrent or targets[0].cfg.sweep.max_concurrent
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     version = code_version()

@@ -6,6 +6,7 @@ analysis/ executed headless (nbclient) on that folder. A notebook fails its test
 cell raises or it writes no figure.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -96,10 +97,27 @@ def test_finetune_job_writes_its_row_and_saves_the_classifier(reused_sweep):
     assert saved["model"]["head.weight"].shape == (10, 96)
 
 
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """A kernelspec for this interpreter, found first via JUPYTER_PATH: a machine-wide `python3`
+    kernel (another Python, without mae) must not be the one that runs the notebooks."""
+    folder = tmp_path_factory.mktemp("jupyter")
+    spec = folder / "kernels" / "mae-tests"
+    spec.mkdir(parents=True)
+    spec.joinpath("kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "mae tests", "language": "python",
+    }))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", f"{folder}{os.pathsep}{os.environ.get('JUPYTER_PATH', '')}")
+        yield "mae-tests"
+
+
 @pytest.mark.parametrize("name", list(NOTEBOOKS))
-def test_notebook_runs_headless_and_saves_its_figure(reused_sweep, name, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+def test_notebook_runs_headless_and_saves_its_figure(reused_sweep, kernel, name, monkeypatch):
+    import nbclient  # matplotlib, nbclient, nbformat, ipykernel: the dev extra
+    import nbformat
+
     assert reused_sweep["sweep"].returncode == 0, "the smoke sweep failed"
     folder = reused_sweep["folder"]
     figure = folder / NOTEBOOKS[name]
@@ -112,7 +130,7 @@ def test_notebook_runs_headless_and_saves_its_figure(reused_sweep, name, monkeyp
     else:  # the environment variable (the kernel inherits it)
         monkeypatch.setenv("MAE_RESULTS_DIR", str(folder))
     started = time.time()
-    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name=kernel,
                             resources={"metadata": {"path": str(REPO / "analysis")}}).execute()
     assert figure.is_file() and figure.stat().st_mtime >= started - 1, f"{name}.ipynb wrote no {figure.name}"
     assert figure.stat().st_size > 10_000  # a drawn figure, not an empty canvas
