@@ -77,12 +77,21 @@ def _checkpoint_config(args: argparse.Namespace) -> ExperimentConfig:
     return _with_cli_values(values, args)
 
 
+def _model_from(cfg: ExperimentConfig, checkpoint: str | Path):
+    """The model `cfg` describes, with the weights of `checkpoint` (strict)."""
+    from mae.checkpoint import model_state
+    from mae.engine import build_model
+
+    model = build_model(cfg)
+    model.load_state_dict(model_state(load_checkpoint(checkpoint)))
+    return model
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mae.engine import build_model, pretrain
+    from mae.engine import pretrain
     from mae.probe import quick_probe
 
-    base = to_dict(load_config(args.config)) if args.config else to_dict(load_config())
-    cfg = _with_cli_values(base, args)
+    cfg = _with_cli_values(to_dict(load_config(args.config)), args)
     run_dir = Path(args.out or Path("runs") / cfg.name)
     log.info("pretraining %s into %s", cfg.model.name, run_dir)
     result = pretrain(cfg, run_dir)
@@ -92,22 +101,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if result.epochs:
         summary["first_epoch_loss"] = result.epochs[0]["train_loss"]
     if not args.no_probe and result.checkpoint_dir is not None:
-        model = build_model(cfg)
-        model.load_state_dict(load_checkpoint(result.checkpoint_dir)["model"])
-        summary.update(quick_probe(model, cfg))
+        summary.update(quick_probe(_model_from(cfg, result.checkpoint_dir), cfg))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from mae.checkpoint import model_state
-    from mae.engine import build_model
     from mae.probe import linear_probe, quick_probe
 
     cfg = _checkpoint_config(args)
-    model = build_model(cfg)
-    model.load_state_dict(model_state(load_checkpoint(args.checkpoint)))
+    model = _model_from(cfg, args.checkpoint)
     if args.quick:
         out = quick_probe(model, cfg)
     else:
@@ -122,22 +126,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from mae.checkpoint import model_state
-    from mae.data import build_dataset
-    from mae.engine import build_model
+    from mae.data import build_dataset, normalization
     from mae.reconstruct import reconstruct, save_reconstruction_grid
 
     cfg = _checkpoint_config(args)
-    model = build_model(cfg)
-    model.load_state_dict(model_state(load_checkpoint(args.checkpoint)))
+    model = _model_from(cfg, args.checkpoint)
     test = build_dataset(cfg, "test", augment=False, subset=args.num)
     imgs = torch.stack([test[i][0] for i in range(min(args.num, len(test)))])
     torch.manual_seed(args.seed)
     panels = reconstruct(model, imgs, args.mask_ratio if args.mask_ratio is not None else cfg.mask.ratio)
-    tf = getattr(test, "transform", None) or getattr(getattr(test, "dataset", None), "transform", None)
-    norm = next((t for t in getattr(tf, "transforms", []) if hasattr(t, "mean")), None)
-    mean, std = (tuple(norm.mean), tuple(norm.std)) if norm else ((0.0,), (1.0,))
-    path = save_reconstruction_grid(panels, args.out, mean, std)
+    path = save_reconstruction_grid(panels, args.out, *normalization(cfg))
     print(path)
     return 0
 

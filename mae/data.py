@@ -213,6 +213,16 @@ def eval_transform(img_size: int, mean, std, crop_pct: float = 224 / 256) -> v2.
     ])
 
 
+def normalization(cfg: ExperimentConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel that the configured dataset's images are normalised with."""
+    if cfg.data.dataset == "fashion_mnist":
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    if cfg.data.dataset == "imagefolder":
+        in_chans = resolved_model_args(cfg)["in_chans"]
+        return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    return (0.0,), (1.0,)  # synthetic: already standard normal
+
+
 def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = True,
                   subset: int | None = None) -> Dataset:
     """The configured dataset's 'train' or 'test' split, with pretraining or eval transforms."""
@@ -228,7 +238,7 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = T
         if in_chans != 1:
             raise ValueError(f"Fashion-MNIST is greyscale: set model.in_chans=1 (got {in_chans})")
         root = resolve_data_dir(d.data_dir, FASHION_MNIST_DEFAULT)
-        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+        mean, std = normalization(cfg)
         if split == "train" and augment:
             tf = pretrain_transform(img_size, mean, std, d.crop_scale_min, d.hflip)
         else:
@@ -240,7 +250,7 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = T
     folder = root / ("train" if split == "train" else "val")
     if not folder.is_dir():
         folder = root
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    mean, std = normalization(cfg)
     if split == "train" and augment:
         tf = pretrain_transform(img_size, mean, std, d.crop_scale_min, d.hflip)
     else:

@@ -21,7 +21,6 @@ import time
 import types
 import typing
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +30,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mae.config import ExperimentConfig, flatten
+from mae.results import Column  # one column type for every table: name, Arrow type, meaning
 
 log = logging.getLogger(__name__)
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    type: pa.DataType
-    meaning: str
 
 
 TRIAL_COLUMNS: list[Column] = [

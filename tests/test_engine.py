@@ -115,9 +115,7 @@ def test_truncated_checkpoint_fails_clearly_and_keeps_older_ones(tmp_path, fashi
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(newest.parent)
     with pytest.raises(CheckpointError, match="delete it"):
-        pretrain(load_config(SMOKE, [f"data.data_dir={fashion_mnist_dir}", "data.train_subset=256",
-                                     "train.batch_size=32", "train.max_steps_per_epoch=4",
-                                     "train.epochs=3"]), tmp_path)
+        pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=3"), tmp_path)
     assert (tmp_path / "checkpoint-0001" / "checkpoint.pt").is_file()
 
 
