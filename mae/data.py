@@ -9,6 +9,7 @@ import logging
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -115,6 +116,18 @@ class FashionMNIST(Dataset):
 
 # -- ImageFolder ---------------------------------------------------------------------
 
+PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)  # what an unreadable image raises
+
+
+def decode_pil(source: str | Path | BinaryIO, mode: str) -> torch.Tensor:
+    """Decode an image file (a path or a file object) with PIL into (C, H, W) uint8, mode "RGB" or "L".
+
+    Raises one of PIL_ERRORS when the file is not a readable image.
+    """
+    with Image.open(source) as im:
+        img = im.convert(mode)  # forces a full decode: truncation shows here
+    return v2.functional.pil_to_tensor(img)
+
 
 class ImageFolder(Dataset):
     """root/<class>/<image>, ImageNet layout. Unreadable images are skipped and logged.
@@ -152,13 +165,11 @@ class ImageFolder(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
-                img = im.convert(self.mode)  # forces a full decode: truncation shows here
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            img = decode_pil(path, self.mode)  # (C, H, W) uint8
+        except PIL_ERRORS as e:
             self.skipped += 1
             log.warning("skipping unreadable image %s (%s); %d skipped so far", path, e, self.skipped)
             return None
-        img = v2.functional.pil_to_tensor(img)  # (C, H, W) uint8
         img = self.transform(img) if self.transform else img.float() / 255
         return img, label
 
@@ -223,6 +234,21 @@ def normalization(cfg: ExperimentConfig) -> tuple[tuple[float, ...], tuple[float
     return (0.0,), (1.0,)  # synthetic: already standard normal
 
 
+def fashion_mnist_root(cfg: ExperimentConfig) -> Path:
+    """The folder of the Fashion-MNIST IDX files; checks that the model takes one channel."""
+    in_chans = resolved_model_args(cfg)["in_chans"]
+    if in_chans != 1:
+        raise ValueError(f"Fashion-MNIST is greyscale: set model.in_chans=1 (got {in_chans})")
+    return resolve_data_dir(cfg.data.data_dir, FASHION_MNIST_DEFAULT)
+
+
+def imagefolder_root(cfg: ExperimentConfig, split: str) -> Path:
+    """root/train or root/val of an ImageFolder tree when present, else root for both splits."""
+    root = resolve_data_dir(cfg.data.data_dir, None)
+    folder = root / ("train" if split == "train" else "val")
+    return folder if folder.is_dir() else root
+
+
 def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = True,
                   subset: int | None = None) -> Dataset:
     """The configured dataset's 'train' or 'test' split, with pretraining or eval transforms."""
@@ -235,9 +261,7 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = T
         size = d.synthetic_size if split == "train" else max(1, d.synthetic_size // 4)
         return SyntheticImages(subset or size, img_size, in_chans, seed=0 if split == "train" else 1)
     if d.dataset == "fashion_mnist":
-        if in_chans != 1:
-            raise ValueError(f"Fashion-MNIST is greyscale: set model.in_chans=1 (got {in_chans})")
-        root = resolve_data_dir(d.data_dir, FASHION_MNIST_DEFAULT)
+        root = fashion_mnist_root(cfg)
         mean, std = normalization(cfg)
         if split == "train" and augment:
             tf = pretrain_transform(img_size, mean, std, d.crop_scale_min, d.hflip)
@@ -245,11 +269,7 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = T
             tf = v2.Compose([v2.Resize(img_size, antialias=True), v2.ToDtype(torch.float32, scale=True),
                              v2.Normalize(mean, std)])
         return FashionMNIST(root, train=split == "train", transform=tf, subset=subset)
-    # imagefolder: root/train and root/val when present, else root for both
-    root = resolve_data_dir(d.data_dir, None)
-    folder = root / ("train" if split == "train" else "val")
-    if not folder.is_dir():
-        folder = root
+    folder = imagefolder_root(cfg, split)
     mean, std = normalization(cfg)
     if split == "train" and augment:
         tf = pretrain_transform(img_size, mean, std, d.crop_scale_min, d.hflip)
