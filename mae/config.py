@@ -49,6 +49,7 @@ class DataConfig:
     synthetic_size: int = 1024
     crop_scale_min: float = 0.2  # RandomResizedCrop(scale=(crop_scale_min, 1))
     hflip: bool = True
+    pipeline: str = "cpu"  # cpu (PIL + augment in DataLoader workers) | device (decode + augment on train.device)
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,8 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.data.train_subset is None or cfg.data.train_subset > 0, "data.train_subset", "must be positive")
     require(0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]")
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    require(cfg.data.pipeline in PIPELINES, "data.pipeline",
+            f"must be one of {list(PIPELINES)}, got {cfg.data.pipeline!r}")
     require(cfg.optim.base_lr > 0, "optim.base_lr", "must be positive")
     require(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", "must be positive")
     require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -376,6 +379,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
 DATASETS = ("fashion_mnist", "imagefolder", "synthetic")
+PIPELINES = ("cpu", "device")  # where images are decoded and augmented: mae.data, mae.device_input
 
 
 def resolved_model_args(cfg: ExperimentConfig) -> dict[str, Any]:
