@@ -71,7 +71,9 @@ class TrainConfig:
     accum_iter: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    compile: bool = False
+    compile: bool = False  # torch.compile the forward pass (and so its backward)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, float32 elsewhere) | bf16 | fp32
     log_every: int = 20  # optimizer steps between host syncs for logging
     checkpoint_every: int = 1  # epochs
     max_steps_per_epoch: int | None = None  # cap, for smoke runs
@@ -347,6 +349,10 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     require(cfg.train.accum_iter >= 1, "train.accum_iter", "must be >= 1")
     require(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    require(cfg.train.compile_mode in COMPILE_MODES, "train.compile_mode",
+            f"must be one of {list(COMPILE_MODES)}, got {cfg.train.compile_mode!r}")
+    require(cfg.train.precision in PRECISIONS, "train.precision",
+            f"must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}")
     require(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     require(cfg.probe.pool in ("cls", "avg"), "probe.pool", f"must be 'cls' or 'avg', got {cfg.probe.pool!r}")
     require(cfg.probe.optimizer in ("lars", "sgd"), "probe.optimizer", "must be 'lars' or 'sgd'")
@@ -380,6 +386,8 @@ def validate(cfg: ExperimentConfig) -> None:
 
 DATASETS = ("fashion_mnist", "imagefolder", "synthetic")
 PIPELINES = ("cpu", "device")  # where images are decoded and augmented: mae.data, mae.device_input
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolved_model_args(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -73,6 +73,82 @@ def build_model(cfg: ExperimentConfig) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT(**resolved_model_args(cfg))
 
 
+def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
+    """The paper's AdamW (no decay on norms, biases, tokens), fused: one kernel per step.
+
+    torch's fused AdamW runs on CUDA and CPU; on this project's CPU it cut the optimizer
+    step of mae_vit_tiny_patch4 from 28 to 9 ms (benchmarks in BENCHMARKS.md).
+    """
+    device = next(model.parameters()).device
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+        **({"fused": True} if fused else {}),
+    )
+
+
+def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA unless train.precision says fp32; float32 elsewhere by default.
+
+    'auto' keeps CPUs in float32: bf16 autocast made our CPU steps slower (the casts cost
+    more than the matrix products gain), see BENCHMARKS.md.
+    """
+    precision = cfg.train.precision
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class TrainStep:
+    """Forward, loss and backward of one micro-batch; the optimizer update on the last one.
+
+    This is the whole hot path of pretraining, used by `pretrain` and timed as is by
+    benchmarks/throughput.py. It never reads a value back to the host: the loss comes
+    back as a detached device tensor. With train.compile the forward pass (masking,
+    encoder, decoder, loss, under autocast) is one compiled graph and AOTAutograd
+    compiles its backward; the optimizer is torch's fused AdamW, one kernel already.
+    Shapes are static (fixed batch via drop_last, fixed number of visible patches), so
+    `train.compile_mode: reduce-overhead` can replay the step as CUDA graphs.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: ExperimentConfig,
+                 device: torch.device, accum: int = 1):
+        self.model, self.optimizer, self.accum = model, optimizer, accum
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.clip_grad = cfg.optim.clip_grad
+        self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.cudagraphs = cfg.train.compile and "reduce-overhead" in cfg.train.compile_mode
+        dtype = autocast_dtype(cfg, device)
+        mask_ratio = cfg.mask.ratio
+
+        def loss_of(imgs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+            autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None
+                        else contextlib.nullcontext())
+            with autocast:
+                loss, _, _ = model(imgs, mask_ratio=mask_ratio, noise=noise, loss_only=True)
+            return loss
+
+        self.loss_of = torch.compile(loss_of, mode=cfg.train.compile_mode) if cfg.train.compile else loss_of
+
+    def __call__(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, update: bool = True) -> torch.Tensor:
+        """imgs (N, C, H, W) on the device -> the micro-batch's loss (detached, on device).
+
+        noise (N, L) fixes the mask (benchmarks and tests); None samples it on the device.
+        """
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        no_sync = self.model.no_sync() if (self.ddp and not update) else contextlib.nullcontext()
+        with no_sync:
+            loss = self.loss_of(imgs, noise)
+            (loss / self.accum if self.accum > 1 else loss).backward()
+        if update:
+            if self.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -139,11 +215,7 @@ def pretrain(
     peak_lr = absolute_lr(cfg, world_size)
 
     model = build_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=peak_lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        **({"fused": True} if device.type == "cuda" else {}),
-    )
+    optimizer = build_optimizer(model, cfg, peak_lr)
 
     start_epoch, step, history = 0, 0, []
     source = Path(resume_from) if resume_from else latest_checkpoint(run_dir)
@@ -161,12 +233,7 @@ def pretrain(
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if device.type == "cuda" else contextlib.nullcontext()
-    )
+    train_step = TrainStep(train_model, optimizer, cfg, device, accum=accum)
 
     result = PretrainResult(run_dir=run_dir, epochs=[])
     t_run = time.perf_counter()
@@ -188,22 +255,14 @@ def pretrain(
                 lr = cosine_lr(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
                 set_lr(optimizer, lr)
             imgs = imgs.to(device, non_blocking=True)
-            sync = (it + 1) % accum == 0
-            no_sync = train_model.no_sync() if (world_size > 1 and not sync) else contextlib.nullcontext()
-            with no_sync, autocast:
-                loss, _, _ = train_model(imgs, mask_ratio=cfg.mask.ratio)
-            with no_sync:
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-            window_sum += loss.detach()
+            update = (it + 1) % accum == 0
+            loss = train_step(imgs, update=update)
+            loss_sum += loss
+            window_sum += loss
             n_iters += 1
             n_images += imgs.shape[0]
-            if not sync:
+            if not update:
                 continue
-            if cfg.optim.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0:

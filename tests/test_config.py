@@ -18,6 +18,8 @@ from tests.conftest import REPO
     ("train.epochs=two", "train.epochs"),
     ("mask.strategy=checkerboard", "mask.strategy"),
     ("data.dataset=cifar", "data.dataset"),
+    ("train.compile_mode=fastest", "train.compile_mode"),
+    ("train.precision=fp16", "train.precision"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -5,7 +5,9 @@ import torch
 
 from mae.checkpoint import CheckpointError, checkpoint_folders, load_checkpoint
 from mae.config import load_config
-from mae.engine import NonFiniteLossError, PretrainCallback, build_model, load_model, pretrain
+from mae.engine import (
+    NonFiniteLossError, PretrainCallback, TrainStep, build_model, build_optimizer, load_model, pretrain,
+)
 from mae.optim import cosine_lr, param_groups
 from tests.conftest import REPO
 
@@ -147,3 +149,22 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path, fashion_mnist_d
     assert a["step"] == b["step"] == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_compiled_step_follows_the_eager_loss_curve(fashion_mnist_dir):
+    """train.compile is the engine's fast path: the same weights, batches and masks must give
+    the eager loss curve (float32 on CPU, so to rounding), updates included."""
+    torch.manual_seed(0)
+    curves = {}
+    for compiled in (False, True):
+        cfg = smoke_cfg(fashion_mnist_dir, f"train.compile={str(compiled).lower()}")
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        step = TrainStep(model, build_optimizer(model, cfg, 1e-3), cfg, torch.device("cpu"))
+        g = torch.Generator().manual_seed(1)
+        curves[compiled] = torch.stack([
+            step(torch.randn(4, 1, 28, 28, generator=g), torch.rand(4, model.num_patches, generator=g))
+            for _ in range(4)
+        ])
+    assert curves[False][-1] < curves[False][0]  # it trains
+    torch.testing.assert_close(curves[True], curves[False], rtol=1e-4, atol=0)

@@ -37,6 +37,36 @@ def test_loss_ignores_visible_patches():
     assert torch.allclose(loss, per_patch[mask.bool()].mean())
 
 
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+@pytest.mark.parametrize("mask_ratio", [0.5, 0.75, 0.9])
+def test_loss_only_path_has_the_same_loss_and_gradients(norm_pix_loss, mask_ratio):
+    """The engine trains through loss_only=True; in float64 it must equal the reference path."""
+    torch.manual_seed(0)
+    m = build_mae("mae_vit_micro_patch4", norm_pix_loss=norm_pix_loss).double()
+    imgs = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    noise = torch.rand(3, m.num_patches)
+    params = [p for p in m.parameters() if p.requires_grad]
+    full = m(imgs, mask_ratio, noise)[0]
+    fast, pred, _ = m(imgs, mask_ratio, noise, loss_only=True)
+    assert pred is None
+    torch.testing.assert_close(fast, full, rtol=1e-12, atol=0)
+    for g_full, g_fast in zip(torch.autograd.grad(full, params), torch.autograd.grad(fast, params)):
+        torch.testing.assert_close(g_fast, g_full, rtol=1e-10, atol=1e-14)
+
+
+def test_block_for_rows_is_the_block_at_those_rows():
+    from mae.models.mae import _block_for_rows
+
+    torch.manual_seed(0)
+    block = build_mae("mae_vit_micro_patch4").decoder_blocks[-1].double()
+    x = torch.randn(2, 9, block.norm1.normalized_shape[0], dtype=torch.float64)
+    rows = torch.tensor([[0, 3, 8], [7, 1, 2]])
+    expected = torch.gather(block(x), 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    torch.testing.assert_close(_block_for_rows(block, x, rows), expected)
+    other = torch.tensor([[1, 3, 8], [7, 1, 2]])  # one row different: a different answer
+    assert not torch.allclose(_block_for_rows(block, x, other), expected)
+
+
 def test_norm_pix_targets_are_per_patch_standardised():
     m = build_mae("mae_vit_micro_patch4", norm_pix_loss=True)
     imgs = torch.rand(2, 1, 28, 28) * 5 + 3

@@ -11,6 +11,7 @@ L = g * g patches, L_keep visible patches, D encoder width, Dd decoder width.
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
@@ -126,6 +127,14 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent (N, 1 + L_keep, D) -> pred (N, L, p*p*C)."""
+        x = self._decoder_input(latent, ids_restore)
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # (N, 1 + L, p*p*C)
+        return x[:, 1:, :]  # drop cls
+
+    def _decoder_input(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Embedded visible tokens and mask tokens back in patch order, plus positions: (N, 1 + L, Dd)."""
         x = self.decoder_embed(latent)  # (N, 1 + L_keep, Dd)
         N, L = ids_restore.shape
         Dd = x.shape[-1]
@@ -133,12 +142,7 @@ class MaskedAutoencoderViT(nn.Module):
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (N, L, Dd), shuffled order
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))  # unshuffle
         x = torch.cat([x[:, :1, :], x_], dim=1)  # (N, 1 + L, Dd)
-        x = x + self.decoder_pos_embed
-        for block in self.decoder_blocks:
-            x = block(x)
-        x = self.decoder_pred(self.decoder_norm(x))  # (N, 1 + L, p*p*C)
-        return x[:, 1:, :]  # drop cls
-
+        return x + self.decoder_pos_embed
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         """Pixel targets (N, L, p*p*C); per-patch normalised when norm_pix_loss."""
         target = self.patchify(imgs)
@@ -155,13 +159,43 @@ class MaskedAutoencoderViT(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (loss, pred (N, L, p*p*C), mask (N, L)); `noise` (N, L) fixes the mask."""
+        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
+        loss_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Returns (loss, pred (N, L, p*p*C), mask (N, L)); `noise` (N, L) fixes the mask.
+
+        loss_only: the training path. Same loss and gradients, but the last decoder block
+        and the prediction head run for the removed patches only (see `_decode_masked`),
+        and pred comes back as None.
+        """
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        if loss_only:
+            return self._loss_on_masked(imgs, latent, ids_restore), None, mask
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
+
+    # -- the training path: skip work whose result the loss never reads ------------------
+    def _loss_on_masked(self, imgs: torch.Tensor, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """`forward_loss(imgs, forward_decoder(latent, ids_restore), mask)`, computed cheaper.
+
+        The loss reads the decoder's output at removed patches only. Every block but the
+        last needs all tokens (they are the next block's keys and values), but the last
+        one needs queries, MLP and prediction head only for the L - L_keep removed
+        patches: 25% fewer rows there at mask ratio 0.75. The reference code (and
+        HuggingFace) computes them all and multiplies the visible ones' loss by zero.
+        """
+        N, L = ids_restore.shape
+        num_masked = L + 1 - latent.shape[1]  # latent holds cls + L_keep visible tokens
+        x = self._decoder_input(latent, ids_restore)  # (N, 1 + L, Dd)
+        for block in self.decoder_blocks[:-1]:
+            x = block(x)
+        # Removed patches are the last num_masked of the shuffle order; +1 skips cls.
+        ids_masked = torch.argsort(ids_restore, dim=1)[:, L - num_masked:]  # (N, L - L_keep)
+        x = _block_for_rows(self.decoder_blocks[-1], x, ids_masked + 1)  # (N, L - L_keep, Dd)
+        pred = self.decoder_pred(self.decoder_norm(x))  # (N, L - L_keep, p*p*C)
+        target = torch.gather(self.target(imgs), 1, ids_masked.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
+        return ((pred - target) ** 2).mean()  # mean over removed patches and their pixels
 
     # -- features for probing ----------------------------------------------------------
     def forward_features(self, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:
@@ -185,6 +219,30 @@ class MaskedAutoencoderViT(nn.Module):
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights only (what probing and fine-tuning keep)."""
         return {k: v for k, v in self.state_dict().items() if not _is_decoder_key(k)}
+
+
+def _block_for_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """timm `Block(x)` at the token positions `rows` (N, R) only: (N, T, D) -> (N, R, D).
+
+    Keys and values still come from every token; queries, the residual stream and the
+    MLP only from the selected ones. Assumes the plain pre-norm block this model builds
+    (no layer scale, drop path, q/k norm or attention dropout), which it checks.
+    """
+    attn = block.attn
+    extras = (block.ls1, block.ls2, block.drop_path1, block.drop_path2, attn.q_norm, attn.k_norm, attn.norm)
+    if not all(isinstance(m, nn.Identity) for m in extras) or attn.attn_drop.p > 0:
+        raise ValueError("_block_for_rows supports plain pre-norm blocks only")
+    N, T, D = x.shape
+    H = attn.num_heads
+    picked = torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, D))  # (N, R, D)
+    h = block.norm1(x)  # (N, T, D)
+    w, b = attn.qkv.weight, attn.qkv.bias  # rows ordered q, k, v
+    q = F.linear(torch.gather(h, 1, rows.unsqueeze(-1).expand(-1, -1, D)), w[:D], b[:D])  # (N, R, D)
+    kv = F.linear(h, w[D:], b[D:]).reshape(N, T, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (2, N, H, T, D/H)
+    q = q.reshape(N, -1, H, D // H).transpose(1, 2)  # (N, H, R, D/H)
+    out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (N, H, R, D/H)
+    picked = picked + attn.proj(out.transpose(1, 2).reshape(N, -1, D))
+    return picked + block.mlp(block.norm2(picked))
 
 
 def _is_decoder_key(name: str) -> bool:

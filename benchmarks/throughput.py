@@ -1,0 +1,372 @@
+"""Training throughput: our MAE step against HuggingFace's ViTMAEForPreTraining, in one process.
+
+A step is forward, backward and an AdamW update on one batch that already sits on the
+device (the input pipeline is benchmarks/input_pipeline.py's business). "ours" is the
+engine's own `mae.engine.TrainStep` (loss-only decoder tail, fused AdamW, bf16 autocast
+on CUDA), eager and under torch.compile; "hf" is `ViTMAEForPreTraining` with SDPA
+attention and torch's default AdamW, loaded with our weights and fed our batch and mask
+noise, so both compute the same loss (checked, and printed).
+
+    # the issue's H100 configs: ViT-B/16 at batch 256, ViT-L/16 at batch 128, 224 px
+    python benchmarks/throughput.py --preset h100 --json results/bench/h100.json
+    # the small CPU config: the default Fashion-MNIST model and batch, all cores
+    python benchmarks/throughput.py --preset cpu --json results/bench/cpu.json
+    # one config of your own
+    python benchmarks/throughput.py --model mae_vit_base_patch16 --batch-size 512 --variants ours-compiled
+
+Also measured: the device's matrix-product ceiling (bf16 on CUDA, float32 on CPU), the
+FLOPs of one training step per image (torch.utils.flop_counter, our eager model) and so
+the MFU (achieved FLOP/s over the measured ceiling), and peak device memory per variant
+(CUDA only). With --check-steps K it also trains ours compiled (at the engine's
+precision) and ours eager in float32 from the same weights on the same batches and
+masks for K steps and reports how far apart the two loss curves are.
+
+After warm-up the variants of a config take turns, one step each, and the order rotates,
+so drift in a shared machine's load falls on all alike. The last thing printed is the
+table; --json writes everything, after each config (a timeout keeps what was done).
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mae.config import COMPILE_MODES, config_from_dict, resolved_model_args
+from mae.engine import TrainStep, autocast_dtype, build_optimizer
+from mae.interop import hf_config_kwargs, hf_layout_of, to_hf_state_dict
+from mae.models import build_mae, model_names
+from mae.optim import param_groups
+
+LR = 1.5e-4  # the paper's base lr; the value does not change the cost of a step
+VARIANTS = ("ours-eager", "ours-compiled", "hf-eager", "hf-compiled")
+PRESETS = {
+    # (model, img_size, in_chans, batch): the issue's anchors were measured at these
+    "h100": [("mae_vit_base_patch16", 224, 3, 256), ("mae_vit_large_patch16", 224, 3, 128)],
+    # the model and batch of experiments/fashion_mnist.yaml and the default sweep
+    "cpu": [("mae_vit_micro_patch4", 28, 1, 128)],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a set of configs (see PRESETS)")
+    p.add_argument("--model", default="mae_vit_micro_patch4", choices=model_names(), help="without --preset")
+    p.add_argument("--img-size", type=int, default=None, help="default: the variant's")
+    p.add_argument("--in-chans", type=int, default=None, help="default: the variant's")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--no-norm-pix-loss", action="store_true", help="plain pixel targets (default: norm-pix)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {VARIANTS}")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="for the compiled variants")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compiles)")
+    p.add_argument("--check-steps", type=int, default=0, help="loss-curve check length (0: skip)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {VARIANTS}")
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_ceiling(device: torch.device) -> dict:
+    """FLOP/s of a large square matrix product: bf16 on CUDA, float32 on CPU."""
+    n, dtype, reps = (8192, torch.bfloat16, 50) if device.type == "cuda" else (1024, torch.float32, 10)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    seconds = (time.perf_counter() - start) / reps
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n**3 / seconds}
+
+
+def experiment_config(model: str, img_size: int, in_chans: int, args: argparse.Namespace, *,
+                      compile: bool = False, precision: str = "auto"):
+    return config_from_dict({
+        "model": {"name": model, "img_size": img_size, "in_chans": in_chans,
+                  "norm_pix_loss": not args.no_norm_pix_loss},
+        "mask": {"ratio": args.mask_ratio},
+        "train": {"compile": compile, "compile_mode": args.compile_mode, "precision": precision},
+    })
+
+
+def ours_step(model: torch.nn.Module, cfg, device: torch.device) -> Callable:
+    """The engine's step on `model`: (imgs, noise) -> loss."""
+    step = TrainStep(model, build_optimizer(model, cfg, LR), cfg, device)
+    return lambda imgs, noise: step(imgs, noise)
+
+
+def hf_step(hf: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, compile: bool,
+            mode: str) -> Callable:
+    """HF's model with torch's default AdamW (what a HF user gets), same precision as ours."""
+    optimizer = torch.optim.AdamW(param_groups(hf, 0.05), lr=LR, betas=(0.9, 0.95))
+
+    def loss_of(imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with autocast:
+            return hf(pixel_values=imgs, noise=noise).loss
+
+    loss_fn = torch.compile(loss_of, mode=mode) if compile else loss_of
+
+    def step(imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(imgs, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def hf_twin(ours: torch.nn.Module, margs: dict, mask_ratio: float) -> torch.nn.Module:
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining  # benchmark-only dependency
+
+    config = ViTMAEConfig(**hf_config_kwargs(margs, mask_ratio=mask_ratio))
+    config._attn_implementation = "sdpa"
+    hf = ViTMAEForPreTraining(config)
+    # HF's own init is not used (transformers 5.x leaves the sin-cos tables at zero): ours is copied.
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), hf_layout_of(hf.state_dict())), strict=True)
+    return hf
+
+
+def flops_per_image(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> float:
+    """FLOPs of forward + backward of our eager reference forward (the full decoder, as
+    the reference and HF compute it), per image. The loss-only path does slightly less
+    work; MFU is quoted against this count so that all variants share one yardstick."""
+    with FlopCounterMode(display=False) as counter:
+        loss = model(imgs, mask_ratio, noise)[0]
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / imgs.shape[0]
+
+
+def loss_curve_check(model_name: str, img_size: int, in_chans: int, args, device: torch.device) -> dict:
+    """Ours as the engine runs it (compiled, engine precision) vs ours eager float32.
+
+    Same initial weights, same batches, same masks, `--check-steps` steps at a fixed lr.
+    The images are smooth random patterns (a 4x4 grid upsampled), so there is something
+    to learn and the loss falls."""
+    torch.manual_seed(args.seed)
+    base = build_mae(model_name, img_size=img_size, in_chans=in_chans,
+                     norm_pix_loss=not args.no_norm_pix_loss).to(device)
+    runs = {
+        "engine": experiment_config(model_name, img_size, in_chans, args, compile=True),
+        "fp32-eager": experiment_config(model_name, img_size, in_chans, args, compile=False, precision="fp32"),
+    }
+    losses: dict[str, list[float]] = {}
+    for name, cfg in runs.items():
+        model = build_mae(model_name, img_size=img_size, in_chans=in_chans,
+                          norm_pix_loss=not args.no_norm_pix_loss).to(device)
+        model.load_state_dict(base.state_dict())
+        step = TrainStep(model, build_optimizer(model, cfg, 10 * LR), cfg, device)
+        g = torch.Generator(device=device).manual_seed(args.seed + 1)
+        out = []
+        for _ in range(args.check_steps):
+            grid = torch.rand(args.batch_size, in_chans, 4, 4, generator=g, device=device)
+            imgs = torch.nn.functional.interpolate(grid, size=img_size, mode="bilinear") * 2 - 1
+            noise = torch.rand(args.batch_size, model.num_patches, generator=g, device=device)
+            out.append(step(imgs, noise))
+        losses[name] = torch.stack(out).float().cpu().tolist()
+    a, b = torch.tensor(losses["engine"]), torch.tensor(losses["fp32-eager"])
+    rel = (a - b).abs() / b.abs()
+    tail = max(1, len(a) // 5)
+    return {
+        "steps": args.check_steps,
+        "engine_precision": str(autocast_dtype(runs["engine"], device) or "float32").removeprefix("torch."),
+        "max_rel_diff": float(rel.max()),
+        "mean_rel_diff": float(rel.mean()),
+        "last_fifth_mean_engine": float(a[-tail:].mean()),
+        "last_fifth_mean_fp32_eager": float(b[-tail:].mean()),
+        "first_loss": float(b[0]),
+        "losses": losses,
+    }
+
+
+def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args, device: torch.device,
+                 ceiling: float) -> dict:
+    wanted = args.variants.split(",")
+    torch.manual_seed(args.seed)
+    norm_pix = not args.no_norm_pix_loss
+    cfg = experiment_config(model_name, img_size, in_chans, args)
+    margs = resolved_model_args(cfg)
+    base = build_mae(model_name, img_size=img_size, in_chans=in_chans, norm_pix_loss=norm_pix)
+    g = torch.Generator().manual_seed(args.seed)
+    imgs = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)  # (N, C, H, W)
+    noise = torch.rand(batch, base.num_patches, generator=g).to(device)  # (N, L)
+    dtype = autocast_dtype(cfg, device)
+
+    models, steps = {}, {}
+    for name in wanted:
+        if name.startswith("ours"):
+            model = build_mae(model_name, img_size=img_size, in_chans=in_chans, norm_pix_loss=norm_pix)
+            model.load_state_dict(base.state_dict())
+            model.to(device).train()
+            compiled = name == "ours-compiled"
+            steps[name] = ours_step(model, experiment_config(model_name, img_size, in_chans, args,
+                                                             compile=compiled), device)
+        else:
+            model = hf_twin(base, margs, args.mask_ratio).to(device).train()
+            steps[name] = hf_step(model, device, dtype, name == "hf-compiled", args.compile_mode)
+        models[name] = model
+
+    # Same computation or no comparison: first loss of every variant, before any update.
+    first_loss = {}
+    with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()):
+        for name, model in models.items():
+            if name.startswith("ours"):
+                first_loss[name] = float(model(imgs, args.mask_ratio, noise, loss_only=True)[0])
+            else:
+                first_loss[name] = float(model(pixel_values=imgs, noise=noise).loss)
+    ref = next(iter(first_loss.values()))
+    tol = 2e-2 if dtype is not None else 1e-4
+    losses_match = all(abs(v - ref) <= tol * abs(ref) for v in first_loss.values())
+
+    flops = flops_per_image(build_mae(model_name, img_size=img_size, in_chans=in_chans,
+                                      norm_pix_loss=norm_pix).to(device), imgs[:2], noise[:2], args.mask_ratio)
+
+    peak_mem, warmup_s = {}, {}
+    for name, step in steps.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            step(imgs, noise)
+        _sync(device)
+        warmup_s[name] = time.perf_counter() - start
+        peak_mem[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        print(f"  {model_name} {name}: warm-up {warmup_s[name]:.1f} s", flush=True)
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for i in range(args.steps):
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            steps[name](imgs, noise)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+        order = order[1:] + order[:1]
+
+    results = {}
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        img_s = batch / median
+        results[name] = {
+            "median_ms": 1e3 * median, "min_ms": 1e3 * min(ts), "img_per_s": img_s,
+            "mfu": img_s * flops / ceiling, "peak_mem_gib": peak_mem[name], "warmup_s": warmup_s[name],
+            "times_ms": [1e3 * t for t in ts],
+        }
+    ratios = {}
+    for ours in ("ours-eager", "ours-compiled"):
+        for hf in ("hf-eager", "hf-compiled"):
+            if ours in results and hf in results:
+                ratios[f"{ours}/{hf}"] = results[ours]["img_per_s"] / results[hf]["img_per_s"]
+    return {
+        "model": model_name, "img_size": img_size, "in_chans": in_chans, "batch_size": batch,
+        "mask_ratio": args.mask_ratio, "norm_pix_loss": norm_pix,
+        "precision": str(dtype or torch.float32).removeprefix("torch."),
+        "train_flops_per_image": flops, "first_loss": first_loss, "losses_match": losses_match,
+        "results": results, "speedup": ratios,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import timm
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.preset:
+        configs = PRESETS[args.preset]
+    else:
+        defaults = resolved_model_args(config_from_dict({"model": {"name": args.model}}))
+        configs = [(args.model, args.img_size or defaults["img_size"], args.in_chans or defaults["in_chans"],
+                    args.batch_size)]
+    ceiling = matmul_ceiling(device)
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "matmul_ceiling": ceiling, "configs": [],
+    }
+
+    def save() -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+
+    print(f"{report['device_name']} ({device}), {report['threads']} threads, torch {torch.__version__}; "
+          f"{ceiling['dtype']} matmul ceiling {ceiling['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+    for model_name, img_size, in_chans, batch in configs:
+        entry = bench_config(model_name, img_size, in_chans, batch, args, device, ceiling["flops_per_s"])
+        if args.check_steps:
+            entry["loss_curve"] = loss_curve_check(model_name, img_size, in_chans, _with_batch(args, batch), device)
+        report["configs"].append(entry)
+        save()
+    print_table(report)
+    return report
+
+
+def _with_batch(args: argparse.Namespace, batch: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "batch_size": batch})
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device_name']}, {report['threads']} threads, torch {report['versions']['torch']}, "
+          f"timm {report['versions']['timm']}, transformers {report['versions']['transformers']}")
+    print(f"{'model':<24} {'batch':>5} {'variant':<14} {'ms/step':>9} {'img/s':>9} {'MFU':>6} {'peak GiB':>9}")
+    for c in report["configs"]:
+        for name, r in c["results"].items():
+            mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+            print(f"{c['model']:<24} {c['batch_size']:>5} {name:<14} {r['median_ms']:>9.2f} "
+                  f"{r['img_per_s']:>9.1f} {100 * r['mfu']:>5.1f}% {mem:>9}")
+        print(f"  {c['precision']}, {c['train_flops_per_image'] / 1e9:.2f} GFLOP/image/step, "
+              f"first losses agree: {c['losses_match']}; "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in c["speedup"].items()))
+        if "loss_curve" in c:
+            lc = c["loss_curve"]
+            print(f"  loss curve over {lc['steps']} steps, engine ({lc['engine_precision']}, compiled) vs fp32 "
+                  f"eager: max rel diff {lc['max_rel_diff']:.2e}, last fifth {lc['last_fifth_mean_engine']:.4f} "
+                  f"vs {lc['last_fifth_mean_fp32_eager']:.4f} (first {lc['first_loss']:.4f})")
+
+
+if __name__ == "__main__":
+    main()
