@@ -356,3 +356,28 @@ def test_cuda_decode_and_augment_match_the_cpu(tmp_path):
     batch = torch.stack([img[:, :60, :60] for img in on_cpu])
     torch.testing.assert_close(DeviceAugment(24, mean, std, device="cuda", seed=1)(batch).cpu(),
                                DeviceAugment(24, mean, std, device="cpu", seed=1)(batch), atol=1e-3, rtol=0)
+
+
+# -- the benchmark ---------------------------------------------------------------------
+
+
+def test_input_pipeline_benchmark_smoke(tmp_path):
+    """benchmarks/input_pipeline.py runs both pipelines end to end at toy size and writes its JSON."""
+    import importlib.util
+    import json
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("input_pipeline_benchmark", REPO / "benchmarks" / "input_pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--num-images", "12", "--image-size", "64", "48", "--data-dir", str(tmp_path / "jpegs"),
+                "--batch-size", "4", "--img-size", "16", "--workers", "0", "--steps", "2", "--input-batches", "2",
+                "--warmup", "1", "--device", "cpu", "--threads", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 12 and report["jpegs"]["mean_kb"] > 0
+    for name in ("cpu", "device"):
+        arm = report["results"][name]
+        assert arm["input"]["images"] == 2 * 4 and arm["end_to_end"]["images"] == 2 * 4
+        assert arm["input"]["img_per_s"] > 0 and arm["ratio_end_to_end_over_synthetic"] > 0

@@ -1,0 +1,258 @@
+"""Input pipeline throughput: PIL in DataLoader workers against decoding on the device.
+
+Generates an ImageFolder of photo-like JPEGs (default 500x375 at quality 90, about
+60 KB each, the size of an ImageNet photo; smooth shading, shapes and grain, not white
+noise) and measures, for each `data.pipeline` of `mae.device_input.build_pretrain_input`:
+
+- input alone: images/s the pipeline delivers to the device, augmented and normalised.
+  cpu: --workers DataLoader workers decode with PIL and apply the v2 pretraining
+  transform (mae.data's path); device: the workers read bytes, the main process decodes
+  with torchvision.io.decode_jpeg on the device and augments with DeviceAugment.
+- end to end: the engine's training step (`mae.engine.TrainStep`: forward, backward,
+  fused AdamW; bf16 autocast on CUDA; --compile as train.compile) fed by the pipeline, against the same step on a batch already on the device (synthetic),
+  measured just before each pipeline's run (its workers not yet started), so the ratio
+  end-to-end / synthetic compares like with like on a shared machine. The issue's goal
+  is a ratio of at least 0.9.
+
+The input-only run starts after a warm-up of workers x 2 + 2 batches: the DataLoader's
+prefetch queue fills while the workers start, and timing it would flatter the pipeline.
+The end-to-end run follows it directly (the queue is then drained: input alone consumes
+faster than the step does). One sampler pass covers a pipeline's whole run, so no epoch
+boundary stalls the workers. The last thing printed is a table; --json writes everything.
+
+    # this project's shared 2-core CPU (about 30 s); one intra-op thread, since torch's
+    # threads spin against the workers and any other job on so few cores
+    python benchmarks/input_pipeline.py --num-images 256 --model mae_vit_micro_patch4 --img-size 32 \
+        --batch-size 32 --workers 2 --threads 1 --json results/bench/input_pipeline_cpu.json
+    # one H100 with 16 cores: ViT-B/16 at 224, batch 256
+    python benchmarks/input_pipeline.py --num-images 4096 --model mae_vit_base_patch16 --img-size 224 \
+        --batch-size 256 --workers 16 --steps 50 --input-batches 50 --warmup 10 --compile \
+        --json results/bench/input_pipeline_h100.json
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader, RandomSampler
+
+from mae.config import COMPILE_MODES, absolute_lr, load_config, resolved_model_args
+from mae.device_input import build_pretrain_input
+from mae.engine import TrainStep, autocast_dtype, build_model, build_optimizer
+from mae.models import model_names
+
+PIPELINES = ("cpu", "device")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-images", type=int, default=1024, help="JPEGs to generate (10 classes)")
+    p.add_argument("--image-size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"),
+                   help="size of the generated JPEGs")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated images")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the JPEGs go (kept, and reused when they are already there); default: a temp dir")
+    p.add_argument("--model", default="mae_vit_micro_patch4", choices=model_names())
+    p.add_argument("--img-size", type=int, default=32, help="the model's input side (crops are resized to it)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per arm")
+    p.add_argument("--input-batches", type=int, default=20, help="timed batches of the input-only measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed training steps before each timed run")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step's forward (train.compile)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="train.compile_mode")
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the main process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    return p.parse_args(argv)
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def photo_like(w: int, h: int, rng: np.random.Generator) -> np.ndarray:
+    """(h, w, 3) uint8: smooth shading, a few flat shapes with soft edges, luminance grain.
+
+    What makes a photo's JPEG 50-70 KB at quality 90 and 500x375 is its mix of smooth
+    regions, edges and fine texture; white noise would be several times larger and
+    decode differently.
+    """
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    y, x = y / h, x / w
+    img = np.empty((h, w, 3), np.float32)
+    base = rng.uniform(40, 200, 3)
+    for c in range(3):
+        field = base[c] + 60 * (rng.uniform(-1, 1) * x + rng.uniform(-1, 1) * y)
+        for _ in range(3):
+            fx, fy, phase = rng.uniform(0.5, 4), rng.uniform(0.5, 4), rng.uniform(0, 2 * np.pi)
+            field += rng.uniform(5, 25) * np.cos(2 * np.pi * (fx * x + fy * y) + phase)
+        img[..., c] = field
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for _ in range(rng.integers(6, 16)):
+        x0, y0 = rng.uniform(-0.2, 1, 2) * (w, h)
+        x1, y1 = (x0, y0) + rng.uniform(0.05, 0.5, 2) * (w, h)
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    arr = np.asarray(pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))).astype(np.float32)
+    grain = rng.normal(0, 1, (h, w, 1)).astype(np.float32) * rng.uniform(4, 9)
+    return np.clip(arr + grain, 0, 255).astype(np.uint8)
+
+
+def make_jpegs(root: Path, n: int, size: tuple[int, int], quality: int, seed: int) -> list[Path]:
+    """root/class_K/NNNNN.jpg, n images over 10 classes; existing files are kept."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = root / f"class_{i % 10}" / f"{i:05d}.jpg"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(photo_like(*size, rng)).save(path, "JPEG", quality=quality)
+        paths.append(path)
+    return paths
+
+
+def endless_batches(dataset, collate_fn: Callable, batch_size: int, workers: int, device: torch.device,
+                    num_batches: int, seed: int) -> Iterator:
+    """num_batches shuffled batches in one DataLoader pass: no epoch boundary stalls the workers."""
+    sampler = RandomSampler(dataset, num_samples=num_batches * batch_size,
+                            generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                        pin_memory=device.type == "cuda", collate_fn=collate_fn)
+    return iter(loader)
+
+
+# -- timing ----------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run_one: Callable[[], int], n: int, warmup: int, device: torch.device) -> dict:
+    """Images/s over n calls of run_one (each returns its batch's image count), after warm-up."""
+    for _ in range(warmup):
+        run_one()
+    _sync(device)
+    images, start = 0, time.perf_counter()
+    for _ in range(n):
+        images += run_one()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"images": images, "seconds": seconds, "img_per_s": images / seconds}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+
+    with contextlib.ExitStack() as stack:
+        root = args.data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mae-jpegs-")))
+        t0 = time.perf_counter()
+        paths = make_jpegs(root, args.num_images, tuple(args.image_size), args.quality, args.seed)
+        jpeg_kb = float(np.mean([p.stat().st_size for p in paths]) / 1e3)
+        print(f"{len(paths)} JPEGs of {args.image_size[0]}x{args.image_size[1]}, mean {jpeg_kb:.1f} KB, "
+              f"in {root} ({time.perf_counter() - t0:.1f} s)")
+        overrides = [
+            "data.dataset=imagefolder", f"data.data_dir={root}", f"data.num_workers={args.workers}",
+            f"model.name={args.model}", f"model.img_size={args.img_size}", "model.in_chans=3",
+            f"mask.ratio={args.mask_ratio}", f"train.seed={args.seed}", f"train.batch_size={args.batch_size}",
+            f"train.compile={args.compile}", f"train.compile_mode={args.compile_mode}",
+        ]
+        cfgs = {p: load_config(None, overrides + [f"data.pipeline={p}"]) for p in PIPELINES}
+        margs = resolved_model_args(cfgs["cpu"])
+        N, C, S = args.batch_size, margs["in_chans"], margs["img_size"]
+
+        # one model and optimizer for every run: the weights' values do not change a step's cost
+        model = build_model(cfgs["cpu"]).to(device).train()
+        step = TrainStep(model, build_optimizer(model, cfgs["cpu"], absolute_lr(cfgs["cpu"])), cfgs["cpu"], device)
+        synthetic = torch.randn(N, C, S, S, generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+        def synthetic_step() -> int:
+            step(synthetic)
+            return N
+
+        # the prefetch queue (2 batches per worker) fills while the workers start: drain it untimed
+        warmup_batches = 2 * args.workers + 2
+        results: dict[str, dict] = {}
+        for name, cfg in cfgs.items():
+            # first, while no worker of this arm competes for the host's cores
+            arm = {"synthetic": timed(synthetic_step, args.steps, args.warmup, device)}
+            dataset, collate_fn, to_batch = build_pretrain_input(cfg, device, seed=args.seed)
+            total = warmup_batches + args.input_batches + args.warmup + args.steps
+            batches = endless_batches(dataset, collate_fn, N, args.workers, device, total, args.seed)
+
+            def input_only() -> int:
+                return to_batch(next(batches))[0].shape[0]
+
+            def fed_step() -> int:
+                imgs, _ = to_batch(next(batches))
+                step(imgs)
+                return imgs.shape[0]
+
+            arm["input"] = timed(input_only, args.input_batches, warmup_batches, device)
+            arm["end_to_end"] = timed(fed_step, args.steps, args.warmup, device)
+            arm["ratio_end_to_end_over_synthetic"] = arm["end_to_end"]["img_per_s"] / arm["synthetic"]["img_per_s"]
+            results[name] = arm
+            del batches  # shuts its workers down before the next arm's start
+
+    report = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "date": datetime.date.today().isoformat(),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "precision": str(autocast_dtype(cfgs["cpu"], device) or "float32").removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "torchvision": __import__("torchvision").__version__},
+        "jpegs": {"count": len(paths), "size": list(args.image_size), "quality": args.quality, "mean_kb": jpeg_kb},
+        "results": results,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+
+    print(f"{args.model} at {S}px, batch {N}, mask {args.mask_ratio}, {report['precision']} on {device} "
+          f"({report['device_name']}), {report['threads']} threads, {args.workers} workers, "
+          f"{args.steps} steps{f' compiled ({args.compile_mode})' if args.compile else ''}")
+    print(f"{'pipeline':<9} {'input img/s':>12} {'end-to-end img/s':>17} {'synthetic img/s':>16} {'e2e/synth':>10}")
+    for name, arm in results.items():
+        print(f"{name:<9} {arm['input']['img_per_s']:>12.1f} {arm['end_to_end']['img_per_s']:>17.1f} "
+              f"{arm['synthetic']['img_per_s']:>16.1f} {arm['ratio_end_to_end_over_synthetic']:>10.3f}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
