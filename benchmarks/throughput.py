@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mae.config import COMPILE_MODES, config_from_dict, resolved_model_args
+from mae.config import COMPILE_MODES, PRECISIONS, config_from_dict, resolved_model_args
 from mae.engine import TrainStep, autocast_dtype, build_optimizer
 from mae.interop import hf_config_kwargs, hf_layout_of, to_hf_state_dict
 from mae.models import build_mae, model_names
@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-norm-pix-loss", action="store_true", help="plain pixel targets (default: norm-pix)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {VARIANTS}")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="for the compiled variants")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="train.precision of every variant: auto is bf16 autocast on CUDA, float32 on CPU")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compiles)")
     p.add_argument("--check-steps", type=int, default=0, help="loss-curve check length (0: skip)")
@@ -115,12 +117,12 @@ def matmul_ceiling(device: torch.device) -> dict:
 
 
 def experiment_config(model: str, img_size: int, in_chans: int, args: argparse.Namespace, *,
-                      compile: bool = False, precision: str = "auto"):
+                      compile: bool = False, precision: str | None = None):
     return config_from_dict({
         "model": {"name": model, "img_size": img_size, "in_chans": in_chans,
                   "norm_pix_loss": not args.no_norm_pix_loss},
         "mask": {"ratio": args.mask_ratio},
-        "train": {"compile": compile, "compile_mode": args.compile_mode, "precision": precision},
+        "train": {"compile": compile, "compile_mode": args.compile_mode, "precision": precision or args.precision},
     })
 
 

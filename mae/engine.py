@@ -27,7 +27,7 @@ from mae.checkpoint import (
     save_checkpoint, set_rng_state,
 )
 from mae.config import ExperimentConfig, absolute_lr, config_from_dict, resolved_model_args, to_dict
-from mae.data import build_dataset, collate_skip_none
+from mae.device_input import build_pretrain_input
 from mae.models import MaskedAutoencoderViT
 from mae.optim import cosine_lr, param_groups, set_lr
 
@@ -74,11 +74,8 @@ def build_model(cfg: ExperimentConfig) -> MaskedAutoencoderViT:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
-    """The paper's AdamW (no decay on norms, biases, tokens), fused: one kernel per step.
-
-    torch's fused AdamW runs on CUDA and CPU; on this project's CPU it cut the optimizer
-    step of mae_vit_tiny_patch4 from 28 to 9 ms (benchmarks in BENCHMARKS.md).
-    """
+    """The paper's AdamW (no decay on norms, biases, tokens), fused: torch updates every
+    parameter in one kernel (CUDA and CPU) instead of looping over them in Python."""
     device = next(model.parameters()).device
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
@@ -190,7 +187,9 @@ def pretrain(
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     seed_everything(cfg.train.seed + rank)
 
-    dataset = build_dataset(cfg, "train", augment=True, subset=cfg.data.train_subset)
+    # data.pipeline: augmented in the workers (cpu) or decoded + augmented by to_batch (device)
+    dataset, collate_fn, to_batch = build_pretrain_input(cfg, device, seed=cfg.train.seed + rank)
+    augment = getattr(to_batch, "augment", None)  # the device pipeline's own generator
     per_rank = len(dataset) // world_size
     if per_rank < cfg.train.batch_size:
         raise ValueError(
@@ -202,7 +201,7 @@ def pretrain(
     loader = DataLoader(
         dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=cfg.data.num_workers > 0, collate_fn=collate_skip_none,
+        persistent_workers=cfg.data.num_workers > 0, collate_fn=collate_fn,
     )
     accum = cfg.train.accum_iter
     steps_per_epoch = len(loader) // accum
@@ -226,6 +225,8 @@ def pretrain(
         start_epoch, step = int(payload["epoch"]), int(payload["step"])
         history = list(payload.get("history", []))
         set_rng_state(payload["rng"][rank] if isinstance(payload["rng"], list) else payload["rng"])
+        if augment is not None and payload.get("augment_rng") is not None:
+            augment.load_state_dict(payload["augment_rng"][rank])
         log.info("resumed from %s at epoch %d (step %d)", source, start_epoch, step)
 
     train_model: torch.nn.Module = model
@@ -248,13 +249,15 @@ def pretrain(
         n_iters = n_images = 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=not (cfg.train.progress and rank == 0))
-        for it, (imgs, _) in enumerate(loader):
+        for it, batch in enumerate(loader):
             if it // accum >= steps_per_epoch:
                 break
             if it % accum == 0:
                 lr = cosine_lr(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
                 set_lr(optimizer, lr)
-            imgs = imgs.to(device, non_blocking=True)
+            imgs, _ = to_batch(batch)
+            if imgs.shape[0] == 0:  # every image of the batch was unreadable (each one logged)
+                continue
             update = (it + 1) % accum == 0
             loss = train_step(imgs, update=update)
             loss_sum += loss
@@ -289,11 +292,13 @@ def pretrain(
         ckpt = None
         last_epoch = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last_epoch:
-            rngs = _gather_rng(world_size)
+            rngs = _gather(rng_state(), world_size)
+            augment_rngs = _gather(augment.state_dict(), world_size, always_list=True) if augment else None
             if rank == 0:
                 ckpt = save_checkpoint(run_dir / f"checkpoint-{epoch + 1:04d}", {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1, "step": step, "rng": rngs, "config": to_dict(cfg),
+                    "epoch": epoch + 1, "step": step, "rng": rngs, "augment_rng": augment_rngs,
+                    "config": to_dict(cfg),
                     "history": history, "mae_version": mae.__version__,
                 })
                 prune_checkpoints(run_dir, keep_checkpoints)
@@ -318,11 +323,10 @@ def _check_finite(value: float, epoch: int, step: int) -> None:
         )
 
 
-def _gather_rng(world_size: int) -> Any:
+def _gather(state: Any, world_size: int, always_list: bool = False) -> Any:
     """This rank's RNG state, or every rank's (a list) under DDP, so each resumes its own."""
-    state = rng_state()
     if world_size == 1:
-        return state
+        return [state] if always_list else state
     states: list[Any] = [None] * world_size
     dist.all_gather_object(states, state)
     return states

@@ -37,8 +37,10 @@ def test_no_weight_decay_on_norms_biases_tokens():
     assert "pos_embed" not in no_decay_names | {names[id(p)] for p in decay["params"]}
 
 
-def test_resume_gives_the_same_result(tmp_path, fashion_mnist_dir):
-    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=3")
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_resume_gives_the_same_result(tmp_path, fashion_mnist_dir, pipeline):
+    # device: the crops come from the pipeline's own generator, which the checkpoint carries
+    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=3", f"data.pipeline={pipeline}")
     straight = pretrain(cfg, tmp_path / "straight")
 
     # 1 epoch, stop, then resume the same run for the remaining 2
@@ -94,16 +96,16 @@ def test_callback_sees_every_epoch_and_loss_falls(tmp_path, fashion_mnist_dir):
 
 
 def test_non_finite_loss_raises_clear_error(tmp_path, monkeypatch, fashion_mnist_dir):
-    import mae.engine
+    import mae.device_input
 
-    real = mae.engine.build_dataset
+    real = mae.device_input.build_dataset
 
     def poisoned(*args, **kwargs):
         ds = real(*args, **kwargs)
         ds.transform = lambda img: torch.full(img.shape, float("nan"))
         return ds
 
-    monkeypatch.setattr(mae.engine, "build_dataset", poisoned)
+    monkeypatch.setattr(mae.device_input, "build_dataset", poisoned)
     with pytest.raises(NonFiniteLossError, match="optim.base_lr"):
         pretrain(smoke_cfg(fashion_mnist_dir, "train.log_every=1"), tmp_path)
 
