@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 5's GPU figures and GPU tests in one prepared call to a one-GPU machine (H100),
+# about 8 minutes, written for this project's `device` tool:
+#   run(command="bash benchmarks/gpu_check.sh", timeout_s=590)
+# It needs nothing beyond the GPU image's torch, torchvision, timm, transformers, pytest
+# (no Ray, no dataset). Each step has its own time limit, so a slow one cannot starve the
+# rest; steps run in order of importance. Results go to $OUT (the device tool's folder),
+# else results/gpu_check/: JSON per benchmark plus logs; the summary table comes last.
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+out=${OUT:-results/gpu_check}
+mkdir -p "$out"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import torch, torchvision, timm, transformers as t; print('torch', torch.__version__, \
+'torchvision', torchvision.__version__, 'timm', timm.__version__, 'transformers', t.__version__)"
+  date -u +%FT%TZ
+} | tee "$out/machine.txt"
+
+step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to $out/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "   exit $? after ${SECONDS}s total"
+}
+
+# 1. ViT-B/16: ours compiled and eager vs HF eager, the loss-curve check (bf16 compiled vs fp32 eager)
+step throughput_vit_b 210 python benchmarks/throughput.py --model mae_vit_base_patch16 --img-size 224 \
+  --in-chans 3 --batch-size 256 --variants ours-compiled,ours-eager,hf-eager --check-steps 100 \
+  --json "$out/throughput_vit_b.json"
+# 2. ViT-L/16 at batch 128
+step throughput_vit_l 120 python benchmarks/throughput.py --model mae_vit_large_patch16 --img-size 224 \
+  --in-chans 3 --batch-size 128 --variants ours-compiled,hf-eager --steps 20 --json "$out/throughput_vit_l.json"
+# 3. JPEG input: PIL workers vs GPU decode, alone and feeding the compiled ViT-B step
+step input_pipeline 150 python benchmarks/input_pipeline.py --num-images 4096 --model mae_vit_base_patch16 \
+  --img-size 224 --batch-size 256 --workers 16 --steps 30 --input-batches 30 --warmup 10 --compile \
+  --json "$out/input_pipeline.json"
+# 4. the GPU tests (bf16, compile, CUDA graphs, nvJPEG decode)
+step test_gpu 90 python -m pytest -q -m gpu tests/test_gpu.py tests/test_device_input.py
+
+for name in throughput_vit_b throughput_vit_l input_pipeline test_gpu; do
+  echo "---- $name"
+  tail -n 12 "$out/$name.log"
+done
