@@ -351,6 +351,9 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     require(cfg.train.compile_mode in COMPILE_MODES, "train.compile_mode",
             f"must be one of {list(COMPILE_MODES)}, got {cfg.train.compile_mode!r}")
+    require(not (cfg.train.compile and "reduce-overhead" in cfg.train.compile_mode and cfg.train.accum_iter > 1),
+            "train.compile_mode", "reduce-overhead (CUDA graphs) replays into the same gradient buffers, so "
+            "it cannot accumulate gradients: use train.accum_iter=1 or compile_mode 'default'")
     require(cfg.train.precision in PRECISIONS, "train.precision",
             f"must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}")
     require(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")

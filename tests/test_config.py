@@ -20,10 +20,11 @@ from tests.conftest import REPO
     ("data.dataset=cifar", "data.dataset"),
     ("train.compile_mode=fastest", "train.compile_mode"),
     ("train.precision=fp16", "train.precision"),
+    ("train.compile=true train.compile_mode=reduce-overhead train.accum_iter=2", "train.compile_mode"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 def test_yaml_file_and_overrides(tmp_path):
