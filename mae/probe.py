@@ -5,14 +5,18 @@
   with it, and its top-1 is the sweep objective.
 - `linear_probe`: the paper's recipe (He et al. 2021, Appendix A.2): frozen encoder,
   BatchNorm without affine before a linear head, LARS (timm's) or SGD, lr = base_lr *
-  batch / 256, cosine schedule with warm-up, augmented training images.
+  batch / 256, cosine schedule with warm-up, augmented training images. Its trained
+  head is kept: `save_probe_head` writes it as a checkpoint folder, `load_probe_head`
+  reads it back (the frozen encoder it was trained on is not in it).
 Both report top-1 on the held-out test split.
 """
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mae.config import ExperimentConfig
+from mae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mae.config import ExperimentConfig, to_dict
 from mae.data import build_dataset, collate_skip_none
 from mae.engine import select_device
 from mae.models import MaskedAutoencoderViT
@@ -135,6 +140,32 @@ class ProbeResult:
     top1: float
     epochs: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    head: LinearProbeHead | None = None  # the trained head, in eval mode
+
+
+def save_probe_head(folder: str | os.PathLike, head: LinearProbeHead, cfg: ExperimentConfig,
+                    source: str | os.PathLike) -> Path:
+    """Write a trained probe head to folder/checkpoint.pt (+ config.yaml), atomically; return the folder.
+
+    The payload: `head` (the state dict: BatchNorm running statistics, linear weight and
+    bias), `config` (the resolved config; `probe.pool` says which features it reads) and
+    `source` (the encoder checkpoint whose frozen features it was trained on). It loads
+    with torch.load(weights_only=True).
+    """
+    return save_checkpoint(folder, {"head": head.state_dict(), "config": to_dict(cfg), "source": str(source)})
+
+
+def load_probe_head(path: str | os.PathLike) -> tuple[LinearProbeHead, dict[str, Any]]:
+    """(head in eval mode, the whole payload) from a folder or file written by `save_probe_head`."""
+    payload = load_checkpoint(path)
+    state = payload.get("head")
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        raise CheckpointError(f"{path} holds no linear-probe head (no 'head' with fc.weight); "
+                              "pass a probe.parquet checkpoint_path")
+    classes, dim = state["fc.weight"].shape  # (K, D)
+    head = LinearProbeHead(dim, classes)
+    head.load_state_dict(state)
+    return head.eval(), payload
 
 
 @torch.no_grad()
@@ -196,4 +227,5 @@ def linear_probe(
                  result.epochs[-1]["train_loss"], top1)
     result.top1 = result.epochs[-1]["test_top1"]
     result.seconds = time.perf_counter() - t0
+    result.head = head.eval()
     return result

@@ -74,7 +74,9 @@ _RUN_COLUMNS = [
     Column("seconds", pa.float64(), "seconds the run took on its worker (data, training, evaluation)"),
     Column("world_size", pa.int64(), "Train workers of the run"),
     Column("history", pa.string(), "per-epoch metrics as JSON [{epoch, train_loss, test_top1, ...}]"),
-    Column("checkpoint_path", pa.string(), "fine-tune: the saved run (classifier.pt, result.json); probe: null"),
+    Column("checkpoint_path", pa.string(), "fine-tune: the saved run (classifier.pt, result.json); probe: the "
+                                           "trained head (BatchNorm statistics + linear), a checkpoint folder "
+                                           "that mae.probe.load_probe_head reads"),
     Column("code_version", pa.string(), "`git:<commit>[+dirty]`, else `mae-<version>`"),
     Column("error", pa.string(), "last line of the error of an ERROR run"),
     Column("created_at", pa.timestamp("us", tz="UTC"), "when the row was written"),

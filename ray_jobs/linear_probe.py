@@ -11,7 +11,9 @@ objective), loads each encoder from its checkpoint and runs `mae.probe.linear_pr
 (frozen encoder, BatchNorm without affine, linear head, LARS or SGD, cosine schedule with
 warm-up; `probe.*` of the experiment sets epochs, batch and lr) in a one-worker
 TorchTrainer. Rows go to probe.parquet in the sweep folder, one per (trial, run), keyed by
-trial_id. Exit status: 0 all probed, 1 some failed (see the error column), 2 bad arguments.
+trial_id; each row's checkpoint_path is the trained head (BatchNorm statistics + linear),
+`mae.probe.load_probe_head(path)`. Exit status: 0 all probed, 1 some failed (see the error
+column), 2 bad arguments.
 """
 
 import sys

@@ -11,7 +11,8 @@
    (each driven from a light Ray task, as a sweep's trials are). Its worker calls the library
    (`mae.probe.linear_probe` or `mae.finetune.finetune`) and reports the result with a
    small checkpoint (`result.json`, plus the fine-tuned classifier), since Ray Train V2
-   keeps only metrics that come with a checkpoint.
+   keeps only metrics that come with a checkpoint. The probe's trained head is written
+   beside it, `<run>/probe_head/` (`mae.probe.save_probe_head`, atomic).
 4. Record: one row per (trial, run) in `probe.parquet` / `finetune.parquet` in the sweep
    folder, schema in `mae.results`, rewritten atomically after every run (temporary
    file + rename), so rows of earlier runs are kept and a crash loses no finished run.
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 REPLACED_SECTIONS = ("data", "probe", "finetune")  # what --experiment replaces in a trial's own config
 RESULT_FILE = "result.json"
 CLASSIFIER_FILE = "classifier.pt"
+PROBE_HEAD_DIR = "probe_head"  # in the probe's Train run folder
 FINISHED, ERROR = "FINISHED", "ERROR"
 
 
@@ -147,7 +149,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from mae.engine import build_model
     from mae.finetune import finetune
     from mae.pretrained import load_encoder
-    from mae.probe import linear_probe
+    from mae.probe import linear_probe, save_probe_head
 
     cfg = config_from_dict(loop_config["config"])
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
@@ -162,6 +164,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         encoder = load_encoder(build_model(cfg), checkpoint)
         result = linear_probe(encoder, cfg, device=device, progress=False)
         history = result.epochs
+        if rank == 0:
+            save_probe_head(loop_config["head_dir"], result.head, cfg, checkpoint)
     else:
         scratch = bool(loop_config["from_scratch"])
         result = finetune(cfg, weights=None if scratch else checkpoint, from_scratch=scratch, device=device,
@@ -192,10 +196,12 @@ def run_target(job: Job, target: Target, storage: Path, run_id: str, workers: in
     resources, use_gpu = cluster.worker_resources(s.cpus_per_worker, s.gpus_per_worker)
     cluster.check_fits(workers, resources)
     name = f"{job.kind}{'-scratch' if from_scratch else ''}-{target.label}-{run_id}"
+    head_dir = storage / name / PROBE_HEAD_DIR  # written by the probe's worker, so storage must be shared
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"kind": job.kind, "config": to_dict(target.cfg), "checkpoint": target.checkpoint,
-                           "from_scratch": from_scratch, "threads": max(1, int(s.cpus_per_worker))},
+                           "from_scratch": from_scratch, "threads": max(1, int(s.cpus_per_worker)),
+                           "head_dir": str(head_dir)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=s.max_failures)),
@@ -204,7 +210,7 @@ def run_target(job: Job, target: Target, storage: Path, run_id: str, workers: in
     if result.checkpoint is None or not result.metrics:
         raise RuntimeError(f"Train run {name} reported no result; see its logs under {storage / name}")
     metrics = dict(result.metrics)
-    metrics["checkpoint_path"] = result.checkpoint.path if job.kind == "finetune" else None
+    metrics["checkpoint_path"] = result.checkpoint.path if job.kind == "finetune" else str(head_dir)
     return metrics
 
 

@@ -84,6 +84,34 @@ def test_probe_job_writes_one_row_per_chosen_trial(reused_sweep):
     assert str(folder / results.PROBE_FILE) in reused_sweep["probe"].stdout
 
 
+def test_probe_job_saves_each_trained_head_with_the_accuracy_of_its_row(reused_sweep):
+    assert reused_sweep["probe"] is not None and reused_sweep["probe"].returncode == 0
+    import torch
+    from torch.utils.data import DataLoader
+
+    from mae import results
+    from mae.config import config_from_dict
+    from mae.data import build_dataset, collate_skip_none
+    from mae.engine import build_model
+    from mae.pretrained import load_encoder
+    from mae.probe import LinearProbeHead, evaluate
+
+    rows = pq.read_table(reused_sweep["folder"] / results.PROBE_FILE).to_pylist()
+    assert len({r["checkpoint_path"] for r in rows}) == len(rows) == 2  # one head per encoder
+    for row in rows:
+        saved = torch.load(Path(row["checkpoint_path"]) / "checkpoint.pt", weights_only=True)
+        assert saved["source"] == row["source_checkpoint"]
+        cfg = config_from_dict(saved["config"])
+        assert cfg.probe.epochs == row["probe.epochs"] and cfg.probe.train_subset == row["probe.train_subset"]
+        classes, dim = saved["head"]["fc.weight"].shape  # (K, D)
+        head = LinearProbeHead(dim, classes)
+        head.load_state_dict(saved["head"])
+        encoder = load_encoder(build_model(cfg), row["source_checkpoint"])
+        test = build_dataset(cfg, "test", augment=False)
+        loader = DataLoader(test, batch_size=512, collate_fn=collate_skip_none)
+        assert evaluate(encoder, head, loader, torch.device("cpu"), cfg.probe.pool) == row["top1"]
+
+
 def test_finetune_job_writes_its_row_and_saves_the_classifier(reused_sweep):
     assert reused_sweep["finetune"] is not None and reused_sweep["finetune"].returncode == 0
     import torch

@@ -1,4 +1,5 @@
-"""The reuse jobs' driver (ray_jobs/reuse.py) without starting Ray: choosing trials, configs, rows.
+"""The reuse jobs' driver (ray_jobs/reuse.py) without starting Ray: choosing trials, configs, rows,
+and the probe head its worker saves.
 
 The jobs themselves run end to end on a real smoke sweep in tests/test_analysis.py.
 """
@@ -19,7 +20,9 @@ if str(REPO) not in sys.path:  # ray_jobs is a folder of scripts, not an install
 from mae import results as mae_results  # noqa: E402
 from mae.checkpoint import save_checkpoint  # noqa: E402
 from mae.config import ConfigError, load_config, to_dict  # noqa: E402
+from mae.data import build_dataset  # noqa: E402
 from mae.engine import build_model  # noqa: E402
+from mae.probe import linear_probe, load_probe_head, save_probe_head  # noqa: E402
 from ray_jobs import reuse  # noqa: E402
 from ray_jobs import results as sweep_tables  # noqa: E402
 
@@ -107,3 +110,20 @@ def test_rows_append_to_the_table_with_its_schema(sweep_folder, tmp_path):
     assert first["images_per_sec"] == 99.0 and first["checkpoint_path"] == "/x" and first["trial_id"] == "t1"
     assert (second["status"], second["error"], second["init"], second["top1"]) == ("ERROR", "boom", "scratch", None)
     assert not list(tmp_path.glob(".*tmp*")), "a temporary file was left behind"
+
+
+@pytest.mark.slow
+def test_the_saved_probe_head_predicts_as_the_trained_one(tmp_path, fashion_mnist_dir):
+    cfg = load_config(SMOKE, ["probe.train_subset=128"])
+    encoder = build_model(cfg)
+    result = linear_probe(encoder, cfg, device="cpu", progress=False)
+    folder = save_probe_head(tmp_path / "probe_head", result.head, cfg, "encoder.pt")  # what the job's worker does
+    saved = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert saved["source"] == "encoder.pt" and saved["config"]["probe"] == to_dict(cfg)["probe"]
+    head, _ = load_probe_head(folder)
+    test = build_dataset(cfg, "test", augment=False)
+    imgs = torch.stack([test[i][0] for i in range(32)])  # (32, C, H, W)
+    with torch.no_grad():
+        feats = encoder.forward_features(imgs, pool=cfg.probe.pool)  # (32, D)
+        assert torch.equal(head(feats), result.head(feats))
+    assert result.head.bn.running_var.ne(1).any()  # the statistics of training features, not BatchNorm's init
