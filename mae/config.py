@@ -98,6 +98,7 @@ class ProbeConfig:
     optimizer: str = "lars"  # lars | sgd
     augment: bool = True  # RandomResizedCrop + flip on the probe's training images, as the paper
     train_subset: int | None = None
+    test_subset: int | None = None  # first K test images, scored after every epoch; None: the whole test split
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,8 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.probe.pool in ("cls", "avg"), "probe.pool", f"must be 'cls' or 'avg', got {cfg.probe.pool!r}")
     require(cfg.probe.optimizer in ("lars", "sgd"), "probe.optimizer", "must be 'lars' or 'sgd'")
     require(cfg.probe.quick_train_size >= 10, "probe.quick_train_size", "must be >= 10")
+    require(cfg.probe.test_subset is None or cfg.probe.test_subset > 0, "probe.test_subset",
+            f"must be positive (or null: the whole test split), got {cfg.probe.test_subset}")
     f = cfg.finetune
     require(f.epochs >= 1, "finetune.epochs", f"must be >= 1, got {f.epochs}")
     require(f.batch_size >= 2 and f.batch_size % 2 == 0, "finetune.batch_size",

@@ -121,6 +121,7 @@ class FinetuneResult:
     top1: float  # test top-1 after the last epoch
     best_top1: float  # highest test top-1 over the epochs
     init: str  # "pretrained" | "scratch"
+    test_images: int = 0  # how many test images top-1 is measured on (finetune.test_subset, else all)
     epochs: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     images_per_sec: float = 0.0
@@ -208,7 +209,8 @@ def finetune(
 
     steps_per_epoch = len(train_loader)
     total, warmup = f.epochs * steps_per_epoch, int(round(f.warmup_epochs * steps_per_epoch))
-    result = FinetuneResult(top1=0.0, best_top1=0.0, init="scratch" if from_scratch else "pretrained")
+    result = FinetuneResult(top1=0.0, best_top1=0.0, init="scratch" if from_scratch else "pretrained",
+                            test_images=len(test))
     step, images, train_time = 0, 0, 0.0
     for epoch in range(f.epochs):
         sampler.set_epoch(epoch)

@@ -140,6 +140,7 @@ class ProbeResult:
     top1: float
     epochs: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    test_images: int = 0  # how many test images top1 is measured on (probe.test_subset, else all)
     head: LinearProbeHead | None = None  # the trained head, in eval mode
 
 
@@ -193,7 +194,7 @@ def linear_probe(
     for param in model.parameters():
         param.requires_grad_(False)
     train = build_dataset(cfg, "train", augment=p.augment, subset=p.train_subset)
-    test = build_dataset(cfg, "test", augment=False)
+    test = build_dataset(cfg, "test", augment=False, subset=p.test_subset)
     if len(train) < p.batch_size:
         raise ValueError(f"probe.batch_size {p.batch_size} exceeds the {len(train)} training images")
     train_loader = DataLoader(train, batch_size=p.batch_size, shuffle=True, drop_last=True,
@@ -205,7 +206,7 @@ def linear_probe(
     optimizer = probe_optimizer(head, p.optimizer, peak_lr, p.weight_decay)
     steps_per_epoch = len(train_loader)
     total, warmup = p.epochs * steps_per_epoch, int(round(p.warmup_epochs * steps_per_epoch))
-    result, step = ProbeResult(top1=0.0), 0
+    result, step = ProbeResult(top1=0.0, test_images=len(test)), 0
     for epoch in range(p.epochs):
         head.train()
         loss_sum = torch.zeros((), device=device)

@@ -174,7 +174,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         classifier = result.model
         extra = {"init": result.init, "images_per_sec": result.images_per_sec}
     metrics = {
-        "top1": result.top1, "best_top1": max(h["test_top1"] for h in history),
+        "top1": result.top1, "best_top1": max(h["test_top1"] for h in history), "test_images": result.test_images,
         "final_train_loss": history[-1]["train_loss"], "epochs_completed": len(history),
         "seconds": time.perf_counter() - t0, "world_size": world_size, "history": json.dumps(history), **extra,
     }

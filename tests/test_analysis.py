@@ -31,7 +31,7 @@ SWEEP = [
 PROBE = [
     str(REPO / "ray_jobs" / "linear_probe.py"), "--top-k", "2", "--set", "probe.epochs=1",
     "--set", "probe.batch_size=64", "--set", "probe.train_subset=128", "--set", "probe.optimizer=sgd",
-    "--set", "probe.warmup_epochs=0.5",
+    "--set", "probe.warmup_epochs=0.5", "--set", "probe.test_subset=200",
 ]
 FINETUNE = [
     str(REPO / "ray_jobs" / "finetune.py"), "--set", "finetune.epochs=1", "--set", "finetune.batch_size=32",
@@ -78,6 +78,7 @@ def test_probe_job_writes_one_row_per_chosen_trial(reused_sweep):
         assert row["status"] == "FINISHED", row["error"]
         assert 0.0 < row["top1"] <= 1.0 and row["epochs_completed"] == 1
         assert row["probe.epochs"] == 1 and row["probe.optimizer"] == "sgd"  # --set reached the recipe
+        assert row["test_images"] == row["probe.test_subset"] == 200
         assert row["selected_by"] == "probe_top1" and row["source_checkpoint"].endswith("checkpoint-0001")
     joined = results.load_sweep(folder).joined
     assert joined["linear_top1"].notna().all()
@@ -107,7 +108,7 @@ def test_probe_job_saves_each_trained_head_with_the_accuracy_of_its_row(reused_s
         head = LinearProbeHead(dim, classes)
         head.load_state_dict(saved["head"])
         encoder = load_encoder(build_model(cfg), row["source_checkpoint"])
-        test = build_dataset(cfg, "test", augment=False)
+        test = build_dataset(cfg, "test", augment=False, subset=cfg.probe.test_subset)
         loader = DataLoader(test, batch_size=512, collate_fn=collate_skip_none)
         assert evaluate(encoder, head, loader, torch.device("cpu"), cfg.probe.pool) == row["top1"]
 
@@ -121,6 +122,7 @@ def test_finetune_job_writes_its_row_and_saves_the_classifier(reused_sweep):
     (row,) = pq.read_table(reused_sweep["folder"] / results.FINETUNE_FILE).to_pylist()
     assert row["status"] == "FINISHED" and row["init"] == "pretrained" and row["selected_rank"] == 1
     assert 0.0 <= row["top1"] <= 1.0 and row["finetune.epochs"] == 1 and row["images_per_sec"] > 0
+    assert row["test_images"] == row["finetune.test_subset"] == 200
     saved = torch.load(Path(row["checkpoint_path"]) / "classifier.pt", weights_only=True)
     assert saved["model"]["head.weight"].shape == (10, 96)
 

@@ -21,6 +21,9 @@ from tests.conftest import REPO
     ("train.compile_mode=fastest", "train.compile_mode"),
     ("train.precision=fp16", "train.precision"),
     ("train.compile=true train.compile_mode=reduce-overhead train.accum_iter=2", "train.compile_mode"),
+    ("probe.test_subset=0", "probe.test_subset"),
+    ("probe.test_subset=-100", "probe.test_subset"),
+    ("probe.test_subset=half", "probe.test_subset"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -45,6 +48,12 @@ def test_unknown_key_in_file(tmp_path):
     path.write_text("model:\n  nmae: mae_vit_micro_patch4\n")
     with pytest.raises(ConfigError, match=r"model\.nmae"):
         load_config(path)
+
+
+def test_probe_test_subset_defaults_to_the_whole_test_split():
+    assert load_config(None).probe.test_subset is None
+    assert load_config(None, ["probe.test_subset=500"]).probe.test_subset == 500
+    assert load_config(None, ["probe.test_subset=500", "probe.test_subset=null"]).probe.test_subset is None
 
 
 def test_lr_scales_with_effective_batch():

@@ -114,9 +114,10 @@ def test_rows_append_to_the_table_with_its_schema(sweep_folder, tmp_path):
 
 @pytest.mark.slow
 def test_the_saved_probe_head_predicts_as_the_trained_one(tmp_path, fashion_mnist_dir):
-    cfg = load_config(SMOKE, ["probe.train_subset=128"])
+    cfg = load_config(SMOKE, ["probe.train_subset=128", "probe.test_subset=100"])
     encoder = build_model(cfg)
     result = linear_probe(encoder, cfg, device="cpu", progress=False)
+    assert result.test_images == 100
     folder = save_probe_head(tmp_path / "probe_head", result.head, cfg, "encoder.pt")  # what the job's worker does
     saved = torch.load(folder / "checkpoint.pt", weights_only=True)
     assert saved["source"] == "encoder.pt" and saved["config"]["probe"] == to_dict(cfg)["probe"]
