@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +46,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from mae.config import COMPILE_MODES, absolute_lr, load_config, resolved_model_args
 from mae.device_input import build_pretrain_input
-from mae.engine import TrainStep, autocast_dtype, build_model, build_optimizer
+from mae.engine import TrainStep, autocast_dtype, build_model, build_optimizer, device_name
 from mae.models import model_names
 
 PIPELINES = ("cpu", "device")
@@ -154,18 +153,6 @@ def timed(run_one: Callable[[], int], n: int, warmup: int, device: torch.device)
     return {"images": images, "seconds": seconds, "img_per_s": images / seconds}
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:  # Linux names the CPU model here; platform.processor() is often empty
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # -- main ------------------------------------------------------------------------------
 
 
@@ -233,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "date": datetime.date.today().isoformat(),
         "device": str(device),
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "precision": str(autocast_dtype(cfgs["cpu"], device) or "float32").removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "torchvision": __import__("torchvision").__version__},

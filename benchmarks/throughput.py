@@ -27,7 +27,6 @@ table; --json writes everything, after each config (a timeout keeps what was don
 """
 
 import argparse
-import contextlib
 import datetime
 import json
 import platform
@@ -41,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae.config import COMPILE_MODES, PRECISIONS, config_from_dict, resolved_model_args
-from mae.engine import TrainStep, autocast_dtype, build_optimizer
+from mae.engine import TrainStep, autocast, autocast_dtype, build_optimizer, device_name
 from mae.interop import hf_config_kwargs, hf_layout_of, to_hf_state_dict
 from mae.models import build_mae, model_names
 from mae.optim import param_groups
@@ -88,18 +87,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:  # Linux names the CPU model here; platform.processor() is often empty
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def matmul_ceiling(device: torch.device) -> dict:
     """FLOP/s of a large square matrix product: bf16 on CUDA, float32 on CPU."""
     n, dtype, reps = (8192, torch.bfloat16, 50) if device.type == "cuda" else (1024, torch.float32, 10)
@@ -138,8 +125,7 @@ def hf_step(hf: torch.nn.Module, device: torch.device, dtype: torch.dtype | None
     optimizer = torch.optim.AdamW(param_groups(hf, 0.05), lr=LR, betas=(0.9, 0.95))
 
     def loss_of(imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with autocast:
+        with autocast(device, dtype):
             return hf(pixel_values=imgs, noise=noise).loss
 
     loss_fn = torch.compile(loss_of, mode=mode) if compile else loss_of
@@ -247,7 +233,7 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
 
     # Same computation or no comparison: first loss of every variant, before any update.
     first_loss = {}
-    with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()):
+    with torch.no_grad(), autocast(device, dtype):
         for name, model in models.items():
             if name.startswith("ours"):
                 first_loss[name] = float(model(imgs, args.mask_ratio, noise, loss_only=True)[0])

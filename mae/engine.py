@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,26 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    """What the device is, for logs and benchmark tables: the GPU's or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast to `dtype` on the device, or no autocast (float32) when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def build_model(cfg: ExperimentConfig) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT(**resolved_model_args(cfg))
 
@@ -119,9 +140,7 @@ class TrainStep:
         mask_ratio = cfg.mask.ratio
 
         def loss_of(imgs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-            autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None
-                        else contextlib.nullcontext())
-            with autocast:
+            with autocast(device, dtype):
                 loss, _, _ = model(imgs, mask_ratio=mask_ratio, noise=noise, loss_only=True)
             return loss
 

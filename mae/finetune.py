@@ -21,7 +21,6 @@ is initialised (Ray Train does that), like the pretraining engine.
 Symbols: N batch, K classes, D encoder width.
 """
 
-import contextlib
 import logging
 import math
 import os
@@ -43,7 +42,7 @@ from tqdm import tqdm
 from mae.checkpoint import CheckpointError
 from mae.config import ExperimentConfig, resolved_model_args
 from mae.data import build_dataset, collate_skip_none
-from mae.engine import seed_everything, select_device
+from mae.engine import autocast, seed_everything, select_device
 from mae.models import MaskedAutoencoderViT
 from mae.models.pos_embed import sincos_2d
 from mae.optim import cosine_lr, set_lr
@@ -204,8 +203,7 @@ def finetune(
         criterion = LabelSmoothingCrossEntropy(smoothing=f.label_smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if device.type == "cuda" else contextlib.nullcontext())
+    bf16 = autocast(device, torch.bfloat16 if device.type == "cuda" else None)
 
     steps_per_epoch = len(train_loader)
     total, warmup = f.epochs * steps_per_epoch, int(round(f.warmup_epochs * steps_per_epoch))
@@ -226,7 +224,7 @@ def finetune(
                 imgs, y = imgs[:-1], y[:-1]
             if mixup is not None:
                 imgs, y = mixup(imgs, y)  # y: (N, K) soft targets
-            with autocast:
+            with bf16:
                 loss = criterion(train_model(imgs), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

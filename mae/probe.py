@@ -11,7 +11,6 @@
 Both report top-1 on the held-out test split.
 """
 
-import contextlib
 import logging
 import os
 import time
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from mae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mae.config import ExperimentConfig, to_dict
 from mae.data import build_dataset, collate_skip_none
-from mae.engine import select_device
+from mae.engine import autocast, select_device
 from mae.models import MaskedAutoencoderViT
 from mae.optim import cosine_lr, set_lr
 
@@ -47,11 +46,10 @@ def extract_features(
     """Frozen features (M, D) float32 on the CPU and labels (M,)."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-                if device.type == "cuda" else contextlib.nullcontext())
+    bf16 = autocast(device, torch.bfloat16 if device.type == "cuda" else None)
     feats, labels = [], []
     for imgs, y in loader:
-        with autocast:
+        with bf16:
             feats.append(model.forward_features(imgs.to(device), pool=pool).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
