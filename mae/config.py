@@ -352,9 +352,9 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     require(cfg.train.compile_mode in COMPILE_MODES, "train.compile_mode",
             f"must be one of {list(COMPILE_MODES)}, got {cfg.train.compile_mode!r}")
-    require(not (cfg.train.compile and "reduce-overhead" in cfg.train.compile_mode and cfg.train.accum_iter > 1),
-            "train.compile_mode", "reduce-overhead (CUDA graphs) replays into the same gradient buffers, so "
-            "it cannot accumulate gradients: use train.accum_iter=1 or compile_mode 'default'")
+    require(not (uses_cuda_graphs(cfg.train) and cfg.train.accum_iter > 1), "train.compile_mode",
+            f"{cfg.train.compile_mode!r} replays CUDA graphs into the same gradient buffers, so it cannot "
+            "accumulate gradients: use train.accum_iter=1 or compile_mode 'default'")
     require(cfg.train.precision in PRECISIONS, "train.precision",
             f"must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}")
     require(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
@@ -393,6 +393,12 @@ def validate(cfg: ExperimentConfig) -> None:
 DATASETS = ("fashion_mnist", "imagefolder", "synthetic")
 PIPELINES = ("cpu", "device")  # where images are decoded and augmented: mae.data, mae.device_input
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes torch.compile replays as CUDA graphs
+
+
+def uses_cuda_graphs(train: TrainConfig) -> bool:
+    """Whether train.compile's mode records the step as CUDA graphs (on a CUDA device)."""
+    return train.compile and train.compile_mode in CUDA_GRAPH_MODES
 PRECISIONS = ("auto", "bf16", "fp32")
 
 

@@ -27,7 +27,9 @@ from mae.checkpoint import (
     latest_checkpoint, load_checkpoint, model_state, prune_checkpoints, rng_state,
     save_checkpoint, set_rng_state,
 )
-from mae.config import ExperimentConfig, absolute_lr, config_from_dict, resolved_model_args, to_dict
+from mae.config import (
+    ExperimentConfig, absolute_lr, config_from_dict, resolved_model_args, to_dict, uses_cuda_graphs,
+)
 from mae.device_input import build_pretrain_input
 from mae.models import MaskedAutoencoderViT
 from mae.optim import cosine_lr, param_groups, set_lr
@@ -126,7 +128,7 @@ class TrainStep:
     encoder, decoder, loss, under autocast) is one compiled graph and AOTAutograd
     compiles its backward; the optimizer is torch's fused AdamW, one kernel already.
     Shapes are static (fixed batch via drop_last, fixed number of visible patches), so
-    `train.compile_mode: reduce-overhead` can replay the step as CUDA graphs.
+    `train.compile_mode: reduce-overhead` (or max-autotune) can replay the step as CUDA graphs.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: ExperimentConfig,
@@ -135,7 +137,7 @@ class TrainStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.clip_grad = cfg.optim.clip_grad
         self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        self.cudagraphs = cfg.train.compile and "reduce-overhead" in cfg.train.compile_mode
+        self.cudagraphs = uses_cuda_graphs(cfg.train)
         dtype = autocast_dtype(cfg, device)
         mask_ratio = cfg.mask.ratio
 

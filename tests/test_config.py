@@ -21,6 +21,7 @@ from tests.conftest import REPO
     ("train.compile_mode=fastest", "train.compile_mode"),
     ("train.precision=fp16", "train.precision"),
     ("train.compile=true train.compile_mode=reduce-overhead train.accum_iter=2", "train.compile_mode"),
+    ("train.compile=true train.compile_mode=max-autotune train.accum_iter=2", "train.compile_mode"),
     ("probe.test_subset=0", "probe.test_subset"),
     ("probe.test_subset=-100", "probe.test_subset"),
     ("probe.test_subset=half", "probe.test_subset"),
