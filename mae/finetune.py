@@ -36,7 +36,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from mae.checkpoint import CheckpointError
@@ -133,6 +133,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def eval_shard(n: int, rank: int, world_size: int) -> range:
+    """The test images rank scores: every world_size-th, so each of the n is scored once.
+
+    Not DistributedSampler, which pads the split to a multiple of world_size by repeating
+    images, so top-1 would count up to world_size - 1 of them twice.
+    """
+    return range(rank, n, world_size)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
     """Top-1 over the loader (summed over ranks under DDP)."""
@@ -177,8 +186,8 @@ def finetune(
     train_loader = DataLoader(train, batch_size=f.batch_size, sampler=sampler, drop_last=True,
                               num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                               collate_fn=collate_skip_none)
-    test_sampler = DistributedSampler(test, num_replicas=world_size, rank=rank, shuffle=False)
-    test_loader = DataLoader(test, batch_size=max(f.batch_size, 256), sampler=test_sampler,
+    test_shard = Subset(test, eval_shard(len(test), rank, world_size))
+    test_loader = DataLoader(test_shard, batch_size=max(f.batch_size, 256),
                              collate_fn=collate_skip_none)
     classes = num_classes(train)
 

@@ -13,7 +13,7 @@ import torch
 from mae.checkpoint import CheckpointError
 from mae.config import ConfigError, load_config
 from mae.engine import build_model
-from mae.finetune import build_classifier, finetune, load_pretrained, optimizer_for, peak_lr
+from mae.finetune import build_classifier, eval_shard, finetune, load_pretrained, optimizer_for, peak_lr
 from mae.interop import to_hf_state_dict
 from mae.models import build_mae
 from mae.models.pos_embed import interpolate_pos_embed
@@ -207,3 +207,9 @@ def test_finetune_under_ddp_shards_the_data_and_keeps_ranks_in_step(fashion_mnis
     assert r0["steps"] == r1["steps"] == 64 // 2 // 16  # each rank saw its half of the images
     assert r0["top1"] == r1["top1"]  # evaluated on both ranks' shards together
     torch.testing.assert_close(r0["qkv"], r1["qkv"], rtol=0, atol=0)  # gradients were averaged
+
+
+@pytest.mark.parametrize("n,world_size", [(10, 1), (10, 3), (10000, 3), (5, 8)])
+def test_every_test_image_is_scored_once_across_ranks(n, world_size):
+    scored = [i for rank in range(world_size) for i in eval_shard(n, rank, world_size)]
+    assert sorted(scored) == list(range(n))  # none twice (DistributedSampler pads), none left out
