@@ -7,7 +7,10 @@ noise) and measures, for each `data.pipeline` of `mae.device_input.build_pretrai
 - input alone: images/s the pipeline delivers to the device, augmented and normalised.
   cpu: --workers DataLoader workers decode with PIL and apply the v2 pretraining
   transform (mae.data's path); device: the workers read bytes, the main process decodes
-  with torchvision.io.decode_jpeg on the device and augments with DeviceAugment.
+  with torchvision.io.decode_jpeg on the device and augments with DeviceAugment;
+  device+prefetch: the same, run --prefetch batches ahead by a background thread on its
+  own CUDA stream (mae.device_input.Prefetcher, the engine's default on CUDA), so
+  decoding overlaps the training step.
 - end to end: the engine's training step (`mae.engine.TrainStep`: forward, backward,
   fused AdamW; bf16 autocast on CUDA; --compile as train.compile) fed by the pipeline, against the same step on a batch already on the device (synthetic),
   measured just before each pipeline's run (its workers not yet started), so the ratio
@@ -31,9 +34,11 @@ boundary stalls the workers. The last thing printed is a table; --json writes ev
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,11 +50,11 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, RandomSampler
 
 from mae.config import COMPILE_MODES, absolute_lr, load_config, resolved_model_args
-from mae.device_input import build_pretrain_input
+from mae.device_input import Prefetcher, build_pretrain_input
 from mae.engine import TrainStep, autocast_dtype, build_model, build_optimizer, device_name
 from mae.models import model_names
 
-PIPELINES = ("cpu", "device")
+ARMS = {"cpu": ("cpu", False), "device": ("device", False), "device+prefetch": ("device", True)}  # pipeline, prefetch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="train.compile_mode")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the main process")
+    p.add_argument("--prefetch", type=int, default=2, help="batches readied ahead in the device+prefetch arm")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {list(ARMS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p.parse_args(argv)
@@ -109,16 +116,26 @@ def photo_like(w: int, h: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(arr + grain, 0, 255).astype(np.uint8)
 
 
+def _write_jpeg(path: Path, size: tuple[int, int], quality: int, seed: list[int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(photo_like(*size, np.random.default_rng(seed))).save(path, "JPEG", quality=quality)
+
+
 def make_jpegs(root: Path, n: int, size: tuple[int, int], quality: int, seed: int) -> list[Path]:
-    """root/class_K/NNNNN.jpg, n images over 10 classes; existing files are kept."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        path = root / f"class_{i % 10}" / f"{i:05d}.jpg"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(photo_like(*size, rng)).save(path, "JPEG", quality=quality)
-        paths.append(path)
+    """root/class_K/NNNNN.jpg, n images over 10 classes; existing files are kept.
+
+    Image i is drawn from its own generator (seed, i), so the set does not depend on how
+    many processes make it: one per core (about 45 ms an image on one core here; 4,096
+    images on one core would eat most of a GPU check's time).
+    """
+    paths = [root / f"class_{i % 10}" / f"{i:05d}.jpg" for i in range(n)]
+    todo = [(path, tuple(size), quality, [seed, i]) for i, path in enumerate(paths) if not path.exists()]
+    if len(todo) > 64:
+        with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(_write_jpeg, *zip(*todo), chunksize=16))
+    else:
+        for job in todo:
+            _write_jpeg(*job)
     return paths
 
 
@@ -179,13 +196,18 @@ def main(argv: list[str] | None = None) -> dict:
             f"mask.ratio={args.mask_ratio}", f"train.seed={args.seed}", f"train.batch_size={args.batch_size}",
             f"train.compile={args.compile}", f"train.compile_mode={args.compile_mode}",
         ]
-        cfgs = {p: load_config(None, overrides + [f"data.pipeline={p}"]) for p in PIPELINES}
-        margs = resolved_model_args(cfgs["cpu"])
+        arms = args.arms.split(",")
+        unknown = sorted(set(arms) - set(ARMS))
+        if unknown:
+            raise SystemExit(f"unknown arm {unknown[0]!r}; choose from {list(ARMS)}")
+        cfgs = {a: load_config(None, overrides + [f"data.pipeline={ARMS[a][0]}"]) for a in arms}
+        base = load_config(None, overrides)  # the model and step: the same for every arm
+        margs = resolved_model_args(base)
         N, C, S = args.batch_size, margs["in_chans"], margs["img_size"]
 
         # one model and optimizer for every run: the weights' values do not change a step's cost
-        model = build_model(cfgs["cpu"]).to(device).train()
-        step = TrainStep(model, build_optimizer(model, cfgs["cpu"], absolute_lr(cfgs["cpu"])), cfgs["cpu"], device)
+        model = build_model(base).to(device).train()
+        step = TrainStep(model, build_optimizer(model, base, absolute_lr(base)), base, device)
         synthetic = torch.randn(N, C, S, S, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
         def synthetic_step() -> int:
@@ -195,33 +217,37 @@ def main(argv: list[str] | None = None) -> dict:
         # the prefetch queue (2 batches per worker) fills while the workers start: drain it untimed
         warmup_batches = 2 * args.workers + 2
         results: dict[str, dict] = {}
-        for name, cfg in cfgs.items():
+        for name in arms:
+            cfg, depth = cfgs[name], args.prefetch if ARMS[name][1] else 0
             # first, while no worker of this arm competes for the host's cores
             arm = {"synthetic": timed(synthetic_step, args.steps, args.warmup, device)}
             dataset, collate_fn, to_batch = build_pretrain_input(cfg, device, seed=args.seed)
             total = warmup_batches + args.input_batches + args.warmup + args.steps
             batches = endless_batches(dataset, collate_fn, N, args.workers, device, total, args.seed)
+            prepared = Prefetcher(batches, to_batch, device, depth)
 
             def input_only() -> int:
-                return to_batch(next(batches))[0].shape[0]
+                return next(prepared)[0].shape[0]
 
             def fed_step() -> int:
-                imgs, _ = to_batch(next(batches))
+                imgs, _ = next(prepared)
                 step(imgs)
                 return imgs.shape[0]
 
+            arm["prefetch"] = depth
             arm["input"] = timed(input_only, args.input_batches, warmup_batches, device)
             arm["end_to_end"] = timed(fed_step, args.steps, args.warmup, device)
             arm["ratio_end_to_end_over_synthetic"] = arm["end_to_end"]["img_per_s"] / arm["synthetic"]["img_per_s"]
             results[name] = arm
-            del batches  # shuts its workers down before the next arm's start
+            prepared.close()
+            del prepared, batches  # shuts its workers down before the next arm's start
 
     report = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "date": datetime.date.today().isoformat(),
         "device": str(device),
         "device_name": device_name(device),
-        "precision": str(autocast_dtype(cfgs["cpu"], device) or "float32").removeprefix("torch."),
+        "precision": str(autocast_dtype(base, device) or "float32").removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "torchvision": __import__("torchvision").__version__},
         "jpegs": {"count": len(paths), "size": list(args.image_size), "quality": args.quality, "mean_kb": jpeg_kb},
@@ -234,9 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.model} at {S}px, batch {N}, mask {args.mask_ratio}, {report['precision']} on {device} "
           f"({report['device_name']}), {report['threads']} threads, {args.workers} workers, "
           f"{args.steps} steps{f' compiled ({args.compile_mode})' if args.compile else ''}")
-    print(f"{'pipeline':<9} {'input img/s':>12} {'end-to-end img/s':>17} {'synthetic img/s':>16} {'e2e/synth':>10}")
+    print(f"{'pipeline':<16} {'input img/s':>12} {'end-to-end img/s':>17} {'synthetic img/s':>16} {'e2e/synth':>10}")
     for name, arm in results.items():
-        print(f"{name:<9} {arm['input']['img_per_s']:>12.1f} {arm['end_to_end']['img_per_s']:>17.1f} "
+        print(f"{name:<16} {arm['input']['img_per_s']:>12.1f} {arm['end_to_end']['img_per_s']:>17.1f} "
               f"{arm['synthetic']['img_per_s']:>16.1f} {arm['ratio_end_to_end_over_synthetic']:>10.3f}")
     return report
 

@@ -50,6 +50,7 @@ class DataConfig:
     crop_scale_min: float = 0.2  # RandomResizedCrop(scale=(crop_scale_min, 1))
     hflip: bool = True
     pipeline: str = "cpu"  # cpu (PIL + augment in DataLoader workers) | device (decode + augment on train.device)
+    prefetch: int | None = None  # batches readied ahead by a background thread; None: 2 on CUDA, 0 (inline) elsewhere
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,8 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     require(cfg.data.pipeline in PIPELINES, "data.pipeline",
             f"must be one of {list(PIPELINES)}, got {cfg.data.pipeline!r}")
+    require(cfg.data.prefetch is None or cfg.data.prefetch >= 0, "data.prefetch",
+            f"must be >= 0 (0: prepare each batch inline) or null (2 on CUDA, 0 elsewhere), got {cfg.data.prefetch}")
     require(cfg.optim.base_lr > 0, "optim.base_lr", "must be positive")
     require(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", "must be positive")
     require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -361,6 +364,10 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.probe.pool in ("cls", "avg"), "probe.pool", f"must be 'cls' or 'avg', got {cfg.probe.pool!r}")
     require(cfg.probe.optimizer in ("lars", "sgd"), "probe.optimizer", "must be 'lars' or 'sgd'")
     require(cfg.probe.quick_train_size >= 10, "probe.quick_train_size", "must be >= 10")
+    require(cfg.probe.quick_test_size is None or cfg.probe.quick_test_size > 0, "probe.quick_test_size",
+            f"must be positive (or null: the whole test split), got {cfg.probe.quick_test_size}")
+    require(cfg.probe.train_subset is None or cfg.probe.train_subset > 0, "probe.train_subset",
+            f"must be positive (or null: the whole training split), got {cfg.probe.train_subset}")
     require(cfg.probe.test_subset is None or cfg.probe.test_subset > 0, "probe.test_subset",
             f"must be positive (or null: the whole test split), got {cfg.probe.test_subset}")
     f = cfg.finetune
@@ -394,12 +401,12 @@ DATASETS = ("fashion_mnist", "imagefolder", "synthetic")
 PIPELINES = ("cpu", "device")  # where images are decoded and augmented: mae.data, mae.device_input
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes torch.compile replays as CUDA graphs
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def uses_cuda_graphs(train: TrainConfig) -> bool:
     """Whether train.compile's mode records the step as CUDA graphs (on a CUDA device)."""
     return train.compile and train.compile_mode in CUDA_GRAPH_MODES
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolved_model_args(cfg: ExperimentConfig) -> dict[str, Any]:

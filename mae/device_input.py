@@ -25,10 +25,14 @@ fixed-point uint8 kernel on the CPU.
 Symbols: N images, C channels, H, W source height and width, S output side.
 """
 
+import contextlib
 import io
 import logging
 import math
-from typing import Callable, NamedTuple
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -384,6 +388,135 @@ class DecodeAndAugment:
             S = self.augment.img_size
             return torch.empty(0, channels, S, S, device=self.augment.device), labels
         return self.augment(images), labels
+
+
+class Prefetcher:
+    """Runs `to_batch` on the coming batches in a background thread, `depth` batches ahead.
+
+    Inline, the device waits while the host fetches, decodes and augments the next batch,
+    and the host waits for nothing while the device trains: with nvJPEG decode (whose
+    Huffman stage runs on the host) that costs the step's rate. Here one thread prepares
+    batches while the main thread trains. On CUDA it issues its work on its own stream,
+    so copies, decoding and resizing overlap the training kernels; before a batch is
+    handed over, the consumer's stream waits on an event recorded after that batch's
+    work, and its tensors are marked as used on the consumer's stream (record_stream) so
+    the caching allocator does not hand their memory back to the side stream too early.
+    torch.compile's CUDA graphs capture in thread-local mode, so this thread's work on
+    another stream does not break a capture.
+
+    One thread calls to_batch on the batches in their order, so a seeded augmentation
+    draws exactly what inline calls draw: results do not depend on `depth`. It runs
+    with the main thread's number of intra-op threads (a new thread's OpenMP default is
+    every core, which would oversubscribe them). An exception in the loader or in
+    to_batch is raised to the consumer at that batch. `close()` (or leaving the `with`
+    block) stops the thread and drops prepared batches. depth=0 prepares each batch
+    inline, on demand: no thread, no stream.
+    """
+
+    _DONE = object()
+
+    def __init__(self, batches: Iterable, to_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device | str, depth: int = 2):
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0 (0: inline), got {depth}")
+        self.device, self.depth = torch.device(device), depth
+        self._batches, self._to_batch = iter(batches), to_batch
+        if depth == 0:
+            return
+        self._stream = None
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+            self._stream = torch.cuda.Stream(self.device)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(torch.get_num_threads(),), daemon=True,
+                                        name="mae-prefetch")
+        self._thread.start()
+
+    def _work(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        try:
+            if self._stream is not None:
+                torch.cuda.set_device(self.device)
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                while not self._stop.is_set():  # checked before each read: close() reads no more
+                    try:
+                        batch = next(self._batches)
+                    except StopIteration:
+                        break
+                    out = self._to_batch(batch)
+                    event = None
+                    if self._stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(self._stream)
+                    if not self._put((out, event)):
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(e)
+            return
+        self._put(self._DONE)
+
+    def _put(self, item: Any) -> bool:
+        """Queue item, waiting for room; False once close() was called."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.depth == 0:
+            return self._to_batch(next(self._batches))
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._DONE:
+            self._queue.put(item)  # a later next() stops too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._queue.put(self._DONE)
+            raise item
+        out, event = item
+        if event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for t in out:
+                if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                    t.record_stream(stream)
+        return out
+
+    def close(self) -> None:
+        """Stop the thread (after the batch it is preparing) and drop what it prepared."""
+        if self.depth == 0 or self._stop.is_set():
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def prefetch_depth(cfg: ExperimentConfig, device: torch.device | str) -> int:
+    """data.prefetch, or its default: 2 batches ahead on CUDA, inline (0) elsewhere.
+
+    On a CPU the thread's kernels would share the cores with the step's, which costs
+    more than the overlap gains (BENCHMARKS.md has the oversubscription figures).
+    """
+    if cfg.data.prefetch is not None:
+        return cfg.data.prefetch
+    return 2 if torch.device(device).type == "cuda" else 0
 
 
 def build_pretrain_input(

@@ -9,6 +9,7 @@ the data sharded; the loop itself does not change.
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import platform
@@ -30,7 +31,7 @@ from mae.checkpoint import (
 from mae.config import (
     ExperimentConfig, absolute_lr, config_from_dict, resolved_model_args, to_dict, uses_cuda_graphs,
 )
-from mae.device_input import build_pretrain_input
+from mae.device_input import Prefetcher, build_pretrain_input, prefetch_depth
 from mae.models import MaskedAutoencoderViT
 from mae.optim import cosine_lr, param_groups, set_lr
 
@@ -257,6 +258,7 @@ def pretrain(
         )
     train_step = TrainStep(train_model, optimizer, cfg, device, accum=accum)
 
+    depth = prefetch_depth(cfg, device)
     result = PretrainResult(run_dir=run_dir, epochs=[])
     t_run = time.perf_counter()
     images_total = 0
@@ -270,31 +272,33 @@ def pretrain(
         n_iters = n_images = 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=not (cfg.train.progress and rank == 0))
-        for it, batch in enumerate(loader):
-            if it // accum >= steps_per_epoch:
-                break
-            if it % accum == 0:
-                lr = cosine_lr(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
-                set_lr(optimizer, lr)
-            imgs, _ = to_batch(batch)
-            if imgs.shape[0] == 0:  # every image of the batch was unreadable (each one logged)
-                continue
-            update = (it + 1) % accum == 0
-            loss = train_step(imgs, update=update)
-            loss_sum += loss
-            window_sum += loss
-            n_iters += 1
-            n_images += imgs.shape[0]
-            if not update:
-                continue
-            step += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0:
-                window = window_sum.item() / (cfg.train.log_every * accum)  # the one host sync
-                _check_finite(window, epoch, step)
-                window_sum.zero_()
-                bar.set_postfix(loss=f"{window:.4f}", lr=f"{lr:.2e}")
-                callback.on_log({"epoch": epoch, "step": step, "loss": window, "lr": lr})
+        batches = itertools.islice(loader, steps_per_epoch * accum)  # exactly the batches this epoch uses
+        with Prefetcher(batches, to_batch, device, depth) as prepared:
+            for it, (imgs, _) in enumerate(prepared):
+                if it % accum == 0:
+                    lr = cosine_lr(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
+                    set_lr(optimizer, lr)
+                n_read = imgs.shape[0]
+                if n_read == 0:  # every image of the batch was unreadable (each one logged)
+                    continue
+                if n_read < cfg.train.batch_size:  # some were: keep the shape static (no recompile)
+                    imgs = fill_batch(imgs, cfg.train.batch_size)
+                update = (it + 1) % accum == 0
+                loss = train_step(imgs, update=update)
+                loss_sum += loss
+                window_sum += loss
+                n_iters += 1
+                n_images += n_read
+                if not update:
+                    continue
+                step += 1
+                bar.update(1)
+                if step % cfg.train.log_every == 0:
+                    window = window_sum.item() / (cfg.train.log_every * accum)  # the one host sync
+                    _check_finite(window, epoch, step)
+                    window_sum.zero_()
+                    bar.set_postfix(loss=f"{window:.4f}", lr=f"{lr:.2e}")
+                    callback.on_log({"epoch": epoch, "step": step, "loss": window, "lr": lr})
         bar.close()
         if world_size > 1:
             dist.all_reduce(loss_sum)
@@ -334,6 +338,16 @@ def pretrain(
         result.final_loss = history[-1]["train_loss"]
         result.best_loss = min(h["train_loss"] for h in history)
     return result
+
+
+def fill_batch(imgs: torch.Tensor, size: int) -> torch.Tensor:
+    """imgs (n, ...) with 0 < n < size -> (size, ...): the n images repeated in order.
+
+    A batch that lost unreadable images would otherwise be smaller than the rest, and a
+    new shape makes torch.compile recompile and CUDA graphs record again. The repeats get
+    their own masks (the noise is drawn per row), so they are not duplicate samples.
+    """
+    return imgs[torch.arange(size, device=imgs.device) % imgs.shape[0]]
 
 
 def _check_finite(value: float, epoch: int, step: int) -> None:

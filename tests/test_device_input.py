@@ -5,6 +5,7 @@ decode, the kernels on the GPU) are checked by the gpu-marked test at the end.""
 import io
 import logging
 import math
+import time
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ import mae.device_input
 from mae.config import ConfigError, load_config
 from mae.data import SyntheticImages, build_dataset, collate_skip_none
 from mae.device_input import (
-    DeviceAugment, EncodedBatch, RawFashionMNIST, build_pretrain_input, collate_encoded, decode_jpegs,
-    sample_crop_boxes,
+    DeviceAugment, EncodedBatch, Prefetcher, RawFashionMNIST, build_pretrain_input, collate_encoded, decode_jpegs,
+    prefetch_depth, sample_crop_boxes,
 )
 
 RATIO = (3 / 4, 4 / 3)
@@ -276,6 +277,37 @@ def test_unreadable_files_skipped_with_their_path_png_and_bmp_decoded(tmp_path, 
     assert collate_skip_none([cpu[i] for i in range(len(cpu))])[1].tolist() == labels.tolist()
 
 
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_pretraining_fills_batches_that_lost_unreadable_images(tmp_path, monkeypatch, pipeline):
+    """7 files, 2 unreadable: the step still gets 7 images (the 5 good ones, repeated), so
+    compiled steps and CUDA graphs see one shape; the epoch counts the 5 it read."""
+    import mae.engine
+
+    (tmp_path / "data").mkdir()
+    make_folder(tmp_path / "data")
+    shapes = []
+
+    class Recording(mae.engine.TrainStep):
+        def __call__(self, imgs, noise=None, update=True):
+            shapes.append(tuple(imgs.shape))
+            return super().__call__(imgs, noise, update)
+
+    monkeypatch.setattr(mae.engine, "TrainStep", Recording)
+    cfg = folder_cfg(tmp_path / "data", pipeline, "train.batch_size=7", "train.epochs=2", "train.progress=false",
+                     "data.prefetch=1")
+    result = mae.engine.pretrain(cfg, tmp_path / "run", device="cpu")
+    assert shapes == [(7, 3, 32, 32)] * 2
+    assert all(math.isfinite(e["train_loss"]) for e in result.epochs)
+    assert result.images_per_sec == pytest.approx(2 * 5 / result.wall_time_s, rel=0.2)
+
+
+def test_fill_batch_repeats_the_images_in_order():
+    from mae.engine import fill_batch
+
+    imgs = torch.arange(3.0)[:, None]
+    assert fill_batch(imgs, 7)[:, 0].tolist() == [0, 1, 2, 0, 1, 2, 0]
+
+
 def test_device_pipeline_loader_is_reproducible(tmp_path):
     make_folder(tmp_path)
 
@@ -335,6 +367,78 @@ def test_cpu_pipeline_and_synthetic_data_are_only_moved():
     assert torch.equal(imgs, batch[0]) and torch.equal(labels, batch[1])
 
 
+# -- prefetching ------------------------------------------------------------------------
+
+
+def raw_batches(n: int, size: int = 40):
+    """n uint8 batches (4, 3, size, size) of different images, with labels."""
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g), torch.arange(4) + i)
+            for i in range(n)]
+
+
+def augment_on_cpu(seed: int = 0):
+    from mae.device_input import AugmentOnDevice
+
+    return AugmentOnDevice(DeviceAugment(16, (0.5,) * 3, (0.25,) * 3, device="cpu", seed=seed))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetched_batches_equal_inline_ones_in_order(depth):
+    batches = raw_batches(7)
+    augment = augment_on_cpu()
+    inline = [augment(b) for b in batches]  # one generator, drawn batch after batch
+    with Prefetcher(batches, augment_on_cpu(), "cpu", depth) as prepared:
+        ahead = list(prepared)
+    assert len(ahead) == 7
+    for (x, y), (a, b) in zip(inline, ahead):
+        assert torch.equal(x, a) and torch.equal(y, b)
+    assert list(Prefetcher(batches, augment_on_cpu(), "cpu", 0))[3][0].equal(inline[3][0])  # depth 0: inline
+
+
+def test_prefetch_error_reaches_the_consumer_at_its_batch():
+    def to_batch(batch):
+        if batch[1][0] == 3:
+            raise ValueError("bad batch 3")
+        return batch
+
+    seen = []
+    prepared = Prefetcher(raw_batches(6), to_batch, "cpu", 2)
+    with pytest.raises(ValueError, match="bad batch 3"):
+        for _, labels in prepared:
+            seen.append(int(labels[0]))
+    assert seen == [0, 1, 2]
+    with pytest.raises(StopIteration):
+        next(prepared)
+    prepared._thread.join(timeout=5)
+    assert not prepared._thread.is_alive()
+
+
+def test_closing_early_stops_the_thread_and_reads_only_depth_ahead():
+    read = []
+
+    def source():
+        for i, batch in enumerate(raw_batches(50, size=8)):
+            read.append(i)
+            yield batch
+
+    with Prefetcher(source(), lambda b: b, "cpu", depth=2) as prepared:
+        first = next(prepared)
+        time.sleep(0.3)  # let the thread run ahead as far as it may
+    assert int(first[1][0]) == 0
+    assert not prepared._thread.is_alive()
+    assert len(read) <= 1 + 2 + 1  # the one consumed, `depth` queued, one in the thread's hands
+    with pytest.raises(StopIteration):
+        next(prepared)
+
+
+def test_prefetch_setting_and_its_default():
+    with pytest.raises(ConfigError, match=r"data\.prefetch: must be >= 0"):
+        load_config(None, ["data.prefetch=-1"])
+    assert prefetch_depth(load_config(), "cpu") == 0 and prefetch_depth(load_config(), "cuda") == 2
+    assert prefetch_depth(load_config(None, ["data.prefetch=3"]), "cpu") == 3
+
+
 # -- on a GPU --------------------------------------------------------------------------
 
 
@@ -358,11 +462,44 @@ def test_cuda_decode_and_augment_match_the_cpu(tmp_path):
                                DeviceAugment(24, mean, std, device="cpu", seed=1)(batch), atol=1e-3, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefetch_matches_inline_and_trains_under_cuda_graphs(tmp_path):
+    """The side-stream thread hands over the batches inline decoding gives, and pretraining
+    fed by it runs with CUDA graphs (torch.compile captures while the thread decodes)."""
+    import mae.engine
+
+    files = [jpeg_bytes(photo(60 + 5 * i, 80 - 3 * i, seed=i)) for i in range(16)]
+    batches = [collate_encoded([(as_tensor(f), 0, f"f{i}") for i, f in enumerate(files[k:k + 4])])
+               for k in range(0, 16, 4)]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    from mae.device_input import DecodeAndAugment
+
+    inline_fn = DecodeAndAugment(DeviceAugment(32, mean, std, device="cuda", seed=0), ImageReadMode.RGB)
+    inline = [inline_fn(b)[0] for b in batches]
+    with Prefetcher(batches, DecodeAndAugment(DeviceAugment(32, mean, std, device="cuda", seed=0),
+                                              ImageReadMode.RGB), "cuda", 2) as prepared:
+        ahead = [imgs.clone() for imgs, _ in prepared]
+    for x, y in zip(inline, ahead):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+    (tmp_path / "data").mkdir()
+    for k in range(64):
+        folder = tmp_path / "data" / f"c{k % 2}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{k}.jpg").write_bytes(files[k % 16])
+    cfg = folder_cfg(tmp_path / "data", "device", "train.batch_size=16", "train.epochs=2", "train.device=cuda",
+                     "train.compile=true", "train.compile_mode=reduce-overhead", "data.prefetch=2",
+                     "data.num_workers=2", "train.progress=false")
+    result = mae.engine.pretrain(cfg, tmp_path / "run")
+    assert all(math.isfinite(e["train_loss"]) for e in result.epochs) and len(result.epochs) == 2
+
+
 # -- the benchmark ---------------------------------------------------------------------
 
 
 def test_input_pipeline_benchmark_smoke(tmp_path):
-    """benchmarks/input_pipeline.py runs both pipelines end to end at toy size and writes its JSON."""
+    """benchmarks/input_pipeline.py runs each arm end to end at toy size and writes its JSON."""
     import importlib.util
     import json
 
@@ -377,7 +514,8 @@ def test_input_pipeline_benchmark_smoke(tmp_path):
                 "--warmup", "1", "--device", "cpu", "--threads", "1", "--json", str(out)])
     report = json.loads(out.read_text())
     assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 12 and report["jpegs"]["mean_kb"] > 0
-    for name in ("cpu", "device"):
+    assert report["results"]["device+prefetch"]["prefetch"] == 2 and report["results"]["device"]["prefetch"] == 0
+    for name in ("cpu", "device", "device+prefetch"):
         arm = report["results"][name]
         assert arm["input"]["images"] == 2 * 4 and arm["end_to_end"]["images"] == 2 * 4
         assert arm["input"]["img_per_s"] > 0 and arm["ratio_end_to_end_over_synthetic"] > 0

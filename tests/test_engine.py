@@ -37,13 +37,16 @@ def test_no_weight_decay_on_norms_biases_tokens():
     assert "pos_embed" not in no_decay_names | {names[id(p)] for p in decay["params"]}
 
 
-@pytest.mark.parametrize("pipeline", ["cpu", "device"])
-def test_resume_gives_the_same_result(tmp_path, fashion_mnist_dir, pipeline):
-    # device: the crops come from the pipeline's own generator, which the checkpoint carries
-    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=3", f"data.pipeline={pipeline}")
+@pytest.mark.parametrize("pipeline,prefetch", [("cpu", 0), ("device", 2)])
+def test_resume_gives_the_same_result(tmp_path, fashion_mnist_dir, pipeline, prefetch):
+    # device: the crops come from the pipeline's own generator, which the checkpoint carries.
+    # The straight run prepares batches inline; the interrupted and resumed ones with
+    # `prefetch` batches readied ahead by a thread, which must not change what is drawn.
+    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=3", f"data.pipeline={pipeline}", "data.prefetch=0")
     straight = pretrain(cfg, tmp_path / "straight")
 
     # 1 epoch, stop, then resume the same run for the remaining 2
+    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=3", f"data.pipeline={pipeline}", f"data.prefetch={prefetch}")
     with pytest.raises(Interrupted):
         pretrain(cfg, tmp_path / "resumed", callback=StopAfter(1))
     assert [p.name for p in checkpoint_folders(tmp_path / "resumed")] == ["checkpoint-0001"]
