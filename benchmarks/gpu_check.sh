@@ -32,11 +32,11 @@ step throughput_vit_b 210 python benchmarks/throughput.py --model mae_vit_base_p
 # 2. ViT-L/16 at batch 128
 step throughput_vit_l 120 python benchmarks/throughput.py --model mae_vit_large_patch16 --img-size 224 \
   --in-chans 3 --batch-size 128 --variants ours-compiled,hf-eager --steps 20 --json "$out/throughput_vit_l.json"
-# 3. JPEG input: PIL workers vs GPU decode, alone and feeding the compiled ViT-B step
+# 3. JPEG input: PIL workers vs GPU decode (inline and prefetched on a side stream), alone and feeding the compiled ViT-B step
 step input_pipeline 150 python benchmarks/input_pipeline.py --num-images 4096 --model mae_vit_base_patch16 \
   --img-size 224 --batch-size 256 --workers 16 --steps 30 --input-batches 30 --warmup 10 --compile \
   --json "$out/input_pipeline.json"
-# 4. the GPU tests (bf16, compile, CUDA graphs, nvJPEG decode)
+# 4. the GPU tests (bf16, compile, CUDA graphs, nvJPEG decode, prefetching under CUDA graphs)
 step test_gpu 90 python -m pytest -q -m gpu tests/test_gpu.py tests/test_device_input.py
 
 for name in throughput_vit_b throughput_vit_l input_pipeline test_gpu; do
