@@ -273,6 +273,7 @@ def pretrain(
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=not (cfg.train.progress and rank == 0))
         batches = itertools.islice(loader, steps_per_epoch * accum)  # exactly the batches this epoch uses
+        last_imgs = None
         with Prefetcher(batches, to_batch, device, depth) as prepared:
             for it, (imgs, _) in enumerate(prepared):
                 if it % accum == 0:
@@ -280,9 +281,10 @@ def pretrain(
                     set_lr(optimizer, lr)
                 n_read = imgs.shape[0]
                 if n_read == 0:  # every image of the batch was unreadable (each one logged)
-                    continue
-                if n_read < cfg.train.batch_size:  # some were: keep the shape static (no recompile)
+                    imgs = _stand_in(last_imgs, epoch, it)
+                elif n_read < cfg.train.batch_size:  # some were: keep the shape static (no recompile)
                     imgs = fill_batch(imgs, cfg.train.batch_size)
+                last_imgs = imgs
                 update = (it + 1) % accum == 0
                 loss = train_step(imgs, update=update)
                 loss_sum += loss
@@ -348,6 +350,23 @@ def fill_batch(imgs: torch.Tensor, size: int) -> torch.Tensor:
     their own masks (the noise is drawn per row), so they are not duplicate samples.
     """
     return imgs[torch.arange(size, device=imgs.device) % imgs.shape[0]]
+
+
+def _stand_in(last_imgs: torch.Tensor | None, epoch: int, it: int) -> torch.Tensor:
+    """The batch to train on when none of a batch's images could be read: the previous one.
+
+    Skipping the step instead would leave this rank one step behind the others under DDP
+    (they would wait for it forever) and shift the optimizer schedule. Its masks are drawn
+    afresh, so it is not the same sample twice.
+    """
+    if last_imgs is None:
+        raise ValueError(
+            f"no image of the first batch of epoch {epoch + 1} could be read (each file is named in the "
+            "warnings above): the data set is damaged or data.data_dir points at the wrong files"
+        )
+    log.warning("no image of batch %d of epoch %d could be read; training on the previous batch again",
+                it, epoch + 1)
+    return last_imgs
 
 
 def _check_finite(value: float, epoch: int, step: int) -> None:

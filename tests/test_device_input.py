@@ -301,6 +301,39 @@ def test_pretraining_fills_batches_that_lost_unreadable_images(tmp_path, monkeyp
     assert result.images_per_sec == pytest.approx(2 * 5 / result.wall_time_s, rel=0.2)
 
 
+@pytest.mark.parametrize("empty_at", [1, 0])
+def test_a_wholly_unreadable_batch_is_stood_in_for_not_skipped(tmp_path, monkeypatch, caplog, empty_at):
+    """Batch `empty_at` of every epoch lost all its images. Later in an epoch the previous
+    batch stands in, so every rank keeps the same step count (DDP would hang otherwise);
+    as an epoch's first batch it is a clear error."""
+    import mae.engine
+
+    build = mae.engine.build_pretrain_input
+
+    def with_an_empty_batch(cfg, device, seed=None):
+        dataset, collate, to_batch = build(cfg, device, seed)
+        calls = []
+
+        def emptied(batch):
+            imgs, labels = to_batch(batch)
+            calls.append(1)
+            return (imgs[:0], labels[:0]) if (len(calls) - 1) % 3 == empty_at else (imgs, labels)
+
+        return dataset, collate, emptied
+
+    monkeypatch.setattr(mae.engine, "build_pretrain_input", with_an_empty_batch)
+    cfg = load_config(None, ["data.dataset=synthetic", "data.synthetic_size=48", "train.batch_size=16",
+                             "train.epochs=2", "train.progress=false", "model.name=mae_vit_micro_patch4"])
+    if empty_at == 0:
+        with pytest.raises(ValueError, match="no image of the first batch of epoch 1 could be read"):
+            mae.engine.pretrain(cfg, tmp_path / "run", device="cpu")
+        return
+    with caplog.at_level(logging.WARNING, logger="mae.engine"):
+        result = mae.engine.pretrain(cfg, tmp_path / "run", device="cpu")
+    assert [e["step"] for e in result.epochs] == [3, 6]  # no step lost
+    assert sum("training on the previous batch again" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_fill_batch_repeats_the_images_in_order():
     from mae.engine import fill_batch
 
