@@ -325,10 +325,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"{ceiling['dtype']} matmul ceiling {ceiling['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     for model_name, img_size, in_chans, batch in configs:
         entry = bench_config(model_name, img_size, in_chans, batch, args, device, ceiling["flops_per_s"])
-        if args.check_steps:
-            entry["loss_curve"] = loss_curve_check(model_name, img_size, in_chans, _with_batch(args, batch), device)
         report["configs"].append(entry)
-        save()
+        save()  # the timings are kept even if the loss-curve check below runs out of time
+        if args.check_steps:
+            print_table(report)
+            entry["loss_curve"] = loss_curve_check(model_name, img_size, in_chans, _with_batch(args, batch), device)
+            save()
     print_table(report)
     return report
 
