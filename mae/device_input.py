@@ -6,7 +6,9 @@ workers only read files; the main process hands the batch to the device, where
 `torchvision.io.decode_jpeg` decodes the whole list in one nvJPEG call and
 RandomResizedCrop, the flip and Normalize run as batched tensor ops. With device='cpu'
 the same code runs on the CPU (in the main process, so slower than PIL workers there):
-that is how it is tested.
+that is how it is tested. `Prefetcher` runs that decoding and augmenting in a background
+thread, on its own CUDA stream, a few batches ahead of the training step
+(`data.prefetch`), so the two overlap.
 
 Why GPU decode rather than a pre-decoded format: it reads the ImageFolder as it is (no
 conversion pass, no second copy of the data set several times the JPEGs' size, no
