@@ -395,10 +395,9 @@ class DecodeAndAugment:
 class Prefetcher:
     """Runs `to_batch` on the coming batches in a background thread, `depth` batches ahead.
 
-    Inline, the device waits while the host fetches, decodes and augments the next batch,
-    and the host waits for nothing while the device trains: with nvJPEG decode (whose
-    Huffman stage runs on the host) that costs the step's rate. Here one thread prepares
-    batches while the main thread trains. On CUDA it issues its work on its own stream,
+    Inline, fetching, decoding and augmenting the next batch and the training step take
+    turns, so each waits for the other. Here one thread prepares batches while the main
+    thread trains. On CUDA it issues its work on its own stream,
     so copies, decoding and resizing overlap the training kernels; before a batch is
     handed over, the consumer's stream waits on an event recorded after that batch's
     work, and its tensors are marked as used on the consumer's stream (record_stream) so

@@ -378,7 +378,8 @@ def _check_finite(value: float, epoch: int, step: int) -> None:
 
 
 def _gather(state: Any, world_size: int, always_list: bool = False) -> Any:
-    """This rank's RNG state, or every rank's (a list) under DDP, so each resumes its own."""
+    """This rank's `state` (its RNG or augmentation-generator state), or every rank's (a list)
+    under DDP, so each resumes its own; always_list makes it a list of one without DDP too."""
     if world_size == 1:
         return [state] if always_list else state
     states: list[Any] = [None] * world_size

@@ -143,6 +143,7 @@ class MaskedAutoencoderViT(nn.Module):
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))  # unshuffle
         x = torch.cat([x[:, :1, :], x_], dim=1)  # (N, 1 + L, Dd)
         return x + self.decoder_pos_embed
+
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         """Pixel targets (N, L, p*p*C); per-patch normalised when norm_pix_loss."""
         target = self.patchify(imgs)
