@@ -51,7 +51,9 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from mae.config import COMPILE_MODES, absolute_lr, load_config, resolved_model_args
 from mae.device_input import Prefetcher, build_pretrain_input
-from mae.engine import TrainStep, autocast_dtype, build_model, build_optimizer, device_name
+from mae.engine import (
+    TrainStep, autocast_dtype, build_model, build_optimizer, device_name, select_device, synchronize,
+)
 from mae.models import model_names
 
 ARMS = {"cpu": ("cpu", False), "device": ("device", False), "device+prefetch": ("device", True)}  # pipeline, prefetch
@@ -75,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps before each timed run")
     p.add_argument("--compile", action="store_true", help="torch.compile the step's forward (train.compile)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="train.compile_mode")
-    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1")
+    p.add_argument("--device", default="auto", help="auto (as train.device: cuda, else mps, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the main process")
     p.add_argument("--prefetch", type=int, default=2, help="batches readied ahead in the device+prefetch arm")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {list(ARMS)}")
@@ -152,20 +154,15 @@ def endless_batches(dataset, collate_fn: Callable, batch_size: int, workers: int
 # -- timing ----------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(run_one: Callable[[], int], n: int, warmup: int, device: torch.device) -> dict:
     """Images/s over n calls of run_one (each returns its batch's image count), after warm-up."""
     for _ in range(warmup):
         run_one()
-    _sync(device)
+    synchronize(device)
     images, start = 0, time.perf_counter()
     for _ in range(n):
         images += run_one()
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return {"images": images, "seconds": seconds, "img_per_s": images / seconds}
 
@@ -177,10 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = select_device(args.device)
     torch.manual_seed(args.seed)
 
     with contextlib.ExitStack() as stack:

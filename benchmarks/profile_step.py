@@ -34,7 +34,9 @@ import torch
 from torch.autograd import DeviceType
 
 from mae.config import COMPILE_MODES, PRECISIONS, config_from_dict, resolved_model_args
-from mae.engine import TrainStep, autocast_dtype, build_model, build_optimizer, device_name
+from mae.engine import (
+    TrainStep, autocast_dtype, build_model, build_optimizer, device_name, select_device, synchronize,
+)
 from mae.models import model_names
 
 CATEGORIES = ("matmul", "attention", "pointwise", "optimizer", "copy", "other")
@@ -76,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (these compile)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps")
     p.add_argument("--top", type=int, default=15, help="kernels (operators on CPU) listed")
-    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1")
+    p.add_argument("--device", default="auto", help="auto (as train.device: cuda, else mps, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p.parse_args(argv)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = select_device(args.device)
     cfg = config_from_dict({
         "model": {"name": args.model, "img_size": args.img_size, "in_chans": args.in_chans},
         "mask": {"ratio": args.mask_ratio},
@@ -124,13 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     S, C = resolved_model_args(cfg)["img_size"], model.in_chans
     imgs = torch.randn(args.batch_size, C, S, S, device=device)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(args.warmup):
         step(imgs)
-    sync()
+    synchronize(device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -138,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         for _ in range(args.steps):
             step(imgs)
-        sync()
+        synchronize(device)
         wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
     per_category, rows = breakdown(prof, device, args.steps)
     busy_ms = sum(per_category.values())

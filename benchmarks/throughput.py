@@ -40,7 +40,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae.config import COMPILE_MODES, PRECISIONS, config_from_dict, resolved_model_args
-from mae.engine import TrainStep, autocast, autocast_dtype, build_optimizer, device_name
+from mae.engine import (
+    TrainStep, autocast, autocast_dtype, build_optimizer, device_name, select_device, synchronize,
+)
 from mae.interop import hf_config_kwargs, hf_layout_of, to_hf_state_dict
 from mae.models import build_mae, model_names
 from mae.optim import param_groups
@@ -71,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compiles)")
     p.add_argument("--check-steps", type=int, default=0, help="loss-curve check length (0: skip)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1")
+    p.add_argument("--device", default="auto", help="auto (as train.device: cuda, else mps, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -82,11 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_ceiling(device: torch.device) -> dict:
     """FLOP/s of a large square matrix product: bf16 on CUDA, float32 on CPU."""
     n, dtype, reps = (8192, torch.bfloat16, 50) if device.type == "cuda" else (1024, torch.float32, 10)
@@ -94,11 +91,11 @@ def matmul_ceiling(device: torch.device) -> dict:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    _sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / reps
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n**3 / seconds}
 
@@ -253,7 +250,7 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
         start = time.perf_counter()
         for _ in range(args.warmup):
             step(imgs, noise)
-        _sync(device)
+        synchronize(device)
         warmup_s[name] = time.perf_counter() - start
         peak_mem[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         print(f"  {model_name} {name}: warm-up {warmup_s[name]:.1f} s", flush=True)
@@ -262,10 +259,10 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
     order = list(steps)
     for i in range(args.steps):
         for name in order:
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             steps[name](imgs, noise)
-            _sync(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
         order = order[1:] + order[:1]
 
@@ -299,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = select_device(args.device)
     if args.preset:
         configs = PRESETS[args.preset]
     else:

@@ -73,6 +73,12 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so a host clock measures it; no-op elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def device_name(device: torch.device) -> str:
     """What the device is, for logs and benchmark tables: the GPU's or the CPU's model name."""
     if device.type == "cuda":
