@@ -20,8 +20,8 @@ import mae.device_input
 from mae.config import ConfigError, load_config
 from mae.data import SyntheticImages, build_dataset, collate_skip_none
 from mae.device_input import (
-    DeviceAugment, EncodedBatch, Prefetcher, RawFashionMNIST, build_pretrain_input, collate_encoded, decode_jpegs,
-    prefetch_depth, sample_crop_boxes,
+    AugmentOnDevice, DecodeAndAugment, DeviceAugment, EncodedBatch, Prefetcher, RawFashionMNIST,
+    build_pretrain_input, collate_encoded, decode_jpegs, prefetch_depth, sample_crop_boxes,
 )
 
 RATIO = (3 / 4, 4 / 3)
@@ -411,8 +411,6 @@ def raw_batches(n: int, size: int = 40):
 
 
 def augment_on_cpu(seed: int = 0):
-    from mae.device_input import AugmentOnDevice
-
     return AugmentOnDevice(DeviceAugment(16, (0.5,) * 3, (0.25,) * 3, device="cpu", seed=seed))
 
 
@@ -506,8 +504,6 @@ def test_cuda_prefetch_matches_inline_and_trains_under_cuda_graphs(tmp_path):
     batches = [collate_encoded([(as_tensor(f), 0, f"f{i}") for i, f in enumerate(files[k:k + 4])])
                for k in range(0, 16, 4)]
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    from mae.device_input import DecodeAndAugment
-
     inline_fn = DecodeAndAugment(DeviceAugment(32, mean, std, device="cuda", seed=0), ImageReadMode.RGB)
     inline = [inline_fn(b)[0] for b in batches]
     with Prefetcher(batches, DecodeAndAugment(DeviceAugment(32, mean, std, device="cuda", seed=0),
