@@ -10,7 +10,9 @@ noise) and measures, for each `data.pipeline` of `mae.device_input.build_pretrai
   with torchvision.io.decode_jpeg on the device and augments with DeviceAugment;
   device+prefetch: the same, run --prefetch batches ahead by a background thread on its
   own CUDA stream (mae.device_input.Prefetcher, the engine's default on CUDA), so
-  decoding overlaps the training step.
+  decoding overlaps the training step. predecoded(+prefetch): the JPEGs converted once
+  (mae.predecoded, shorter side --short-side; the conversion's time is printed and
+  saved), the workers read raw pixels from its memory map, the device augments.
 - end to end: the engine's training step (`mae.engine.TrainStep`: forward, backward,
   fused AdamW; bf16 autocast on CUDA; --compile as train.compile) fed by the pipeline, against the same step on a batch already on the device (synthetic),
   measured just before each pipeline's run (its workers not yet started), so the ratio
@@ -51,12 +53,16 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from mae.config import COMPILE_MODES, absolute_lr, load_config, resolved_model_args
 from mae.device_input import Prefetcher, build_pretrain_input
+from mae.predecoded import PredecodedImages, write_store
 from mae.engine import (
     TrainStep, autocast_dtype, build_model, build_optimizer, device_name, select_device, synchronize,
 )
 from mae.models import model_names
 
-ARMS = {"cpu": ("cpu", False), "device": ("device", False), "device+prefetch": ("device", True)}  # pipeline, prefetch
+ARMS = {  # name: (data.pipeline, prefetch)
+    "cpu": ("cpu", False), "device": ("device", False), "device+prefetch": ("device", True),
+    "predecoded": ("predecoded", False), "predecoded+prefetch": ("predecoded", True),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="size of the generated JPEGs")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated images")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="where the JPEGs go (kept, and reused when they are already there); default: a temp dir")
+                   help="where the JPEGs go (kept, and reused when they are already there; the predecoded "
+                        "arms' store goes beside it); default: a temp dir")
     p.add_argument("--model", default="mae_vit_micro_patch4", choices=model_names())
     p.add_argument("--img-size", type=int, default=32, help="the model's input side (crops are resized to it)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -79,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="train.compile_mode")
     p.add_argument("--device", default="auto", help="auto (as train.device: cuda, else mps, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the main process")
+    p.add_argument("--short-side", type=int, default=256,
+                   help="the predecoded arms' store: shorter side at most this (python -m mae predecode --short-side)")
     p.add_argument("--prefetch", type=int, default=2, help="batches readied ahead in the device+prefetch arm")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {list(ARMS)}")
     p.add_argument("--seed", type=int, default=0)
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
 
     with contextlib.ExitStack() as stack:
-        root = args.data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mae-jpegs-")))
+        root = args.data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mae-jpegs-"))) / "jpegs"
         t0 = time.perf_counter()
         paths = make_jpegs(root, args.num_images, tuple(args.image_size), args.quality, args.seed)
         jpeg_kb = float(np.mean([p.stat().st_size for p in paths]) / 1e3)
@@ -194,6 +203,18 @@ def main(argv: list[str] | None = None) -> dict:
         unknown = sorted(set(arms) - set(ARMS))
         if unknown:
             raise SystemExit(f"unknown arm {unknown[0]!r}; choose from {list(ARMS)}")
+        store_info = None  # the predecoded arms' store: its conversion time and size
+        if any(ARMS[a][0] == "predecoded" for a in arms):
+            store = root.with_name(f"{root.name}-predecoded-{args.short_side}")  # beside the JPEGs, reused
+            t0, predecode_s = time.perf_counter(), None  # None: an earlier run's store, reused
+            if not store.exists():
+                write_store(root, store, args.short_side, workers=args.workers)
+                predecode_s = time.perf_counter() - t0
+            print(f"store of {len(PredecodedImages(store))} images, shorter side <= {args.short_side}, in {store} "
+                  + (f"({predecode_s:.1f} s, {args.workers} workers)" if predecode_s is not None else "(reused)"))
+            overrides.append(f"data.predecoded_dir={store}")
+            store_info = {"short_side": args.short_side, "seconds": predecode_s,
+                          "mb": (store / "images.u8").stat().st_size / 1e6}
         cfgs = {a: load_config(None, overrides + [f"data.pipeline={ARMS[a][0]}"]) for a in arms}
         base = load_config(None, overrides)  # the model and step: the same for every arm
         margs = resolved_model_args(base)
@@ -245,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "torchvision": __import__("torchvision").__version__},
         "jpegs": {"count": len(paths), "size": list(args.image_size), "quality": args.quality, "mean_kb": jpeg_kb},
+        "store": store_info,
         "results": results,
     }
     if args.json:
@@ -254,9 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.model} at {S}px, batch {N}, mask {args.mask_ratio}, {report['precision']} on {device} "
           f"({report['device_name']}), {report['threads']} threads, {args.workers} workers, "
           f"{args.steps} steps{f' compiled ({args.compile_mode})' if args.compile else ''}")
-    print(f"{'pipeline':<16} {'input img/s':>12} {'end-to-end img/s':>17} {'synthetic img/s':>16} {'e2e/synth':>10}")
+    print(f"{'pipeline':<20} {'input img/s':>12} {'end-to-end img/s':>17} {'synthetic img/s':>16} {'e2e/synth':>10}")
     for name, arm in results.items():
-        print(f"{name:<16} {arm['input']['img_per_s']:>12.1f} {arm['end_to_end']['img_per_s']:>17.1f} "
+        print(f"{name:<20} {arm['input']['img_per_s']:>12.1f} {arm['end_to_end']['img_per_s']:>17.1f} "
               f"{arm['synthetic']['img_per_s']:>16.1f} {arm['ratio_end_to_end_over_synthetic']:>10.3f}")
     return report
 

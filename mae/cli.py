@@ -1,8 +1,9 @@
-"""`python -m mae pretrain|probe|reconstruct ...`: the library from the command line.
+"""`python -m mae pretrain|probe|reconstruct|predecode ...`: the library from the command line.
 
     python -m mae pretrain --config experiments/fashion_mnist.yaml [--set train.epochs=5]
     python -m mae probe --checkpoint runs/fashion_mnist/checkpoint-0010 [--quick]
     python -m mae reconstruct --checkpoint runs/fashion_mnist/checkpoint-0010 --out recon.png
+    python -m mae predecode --data-dir /data/imagenet --out /fast/imagenet-256 --workers 16
 """
 
 import argparse
@@ -53,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=8, help="number of test images")
     p.add_argument("--mask-ratio", type=float, help="default: the ratio the model was trained with")
     p.add_argument("--seed", type=int, default=0)
+    _common(p)
+
+    p = sub.add_parser("predecode", help="decode an ImageFolder's training images once, for data.pipeline: predecoded")
+    p.add_argument("--config", help="experiment YAML: its data.data_dir, data.predecoded_dir, model.in_chans")
+    p.add_argument("--out", help="store folder to create (default: data.predecoded_dir)")
+    p.add_argument("--short-side", type=int, default=256,
+                   help="shrink each image so its shorter side is at most this (0: keep full size; default 256)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="default: model.in_chans if set, else 3 (RGB)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: data.num_workers)")
     _common(p)
     return parser
 
@@ -140,10 +150,37 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predecode(args: argparse.Namespace) -> int:
+    from mae.data import imagefolder_root
+    from mae.predecoded import write_store
+
+    values = to_dict(load_config(args.config))
+    values["data"]["dataset"] = "imagefolder"
+    if args.out:
+        values["data"]["predecoded_dir"] = args.out
+    cfg = _with_cli_values(values, args)
+    if not cfg.data.predecoded_dir:
+        raise ConfigError("predecode: give --out (or data.predecoded_dir in the config): the store folder to create")
+    if args.short_side < 0:
+        raise ConfigError(f"--short-side must be >= 0 (0: keep full size), got {args.short_side}")
+    source = imagefolder_root(cfg, "train")
+    workers = args.workers if args.workers is not None else cfg.data.num_workers
+    log.info("decoding %s into %s (shorter side <= %s, %d workers)", source, cfg.data.predecoded_dir,
+             args.short_side or "full size", workers)
+    try:
+        meta = write_store(source, Path(cfg.data.predecoded_dir).expanduser(), args.short_side or None,
+                           in_chans=args.channels or cfg.model.in_chans or 3, workers=workers)
+    except FileExistsError as e:
+        raise ConfigError(str(e)) from e
+    print(json.dumps({k: v for k, v in meta.items() if k != "classes"} | {"classes": len(meta["classes"])}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    commands = {"pretrain": cmd_pretrain, "probe": cmd_probe, "reconstruct": cmd_reconstruct}
+    commands = {"pretrain": cmd_pretrain, "probe": cmd_probe, "reconstruct": cmd_reconstruct,
+                "predecode": cmd_predecode}
     try:
         return commands[args.command](args)
     except USER_ERRORS as e:

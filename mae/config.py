@@ -50,6 +50,8 @@ class DataConfig:
     crop_scale_min: float = 0.2  # RandomResizedCrop(scale=(crop_scale_min, 1))
     hflip: bool = True
     pipeline: str = "cpu"  # cpu (PIL + augment in DataLoader workers) | device (decode + augment on train.device)
+    #   | predecoded (uint8 pixels from predecoded_dir, augment on train.device)
+    predecoded_dir: str | None = None  # a store written by `python -m mae predecode` (pipeline: predecoded)
     prefetch: int | None = None  # batches readied ahead by a background thread; None: 2 on CUDA, 0 (inline) elsewhere
 
 
@@ -342,6 +344,13 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     require(cfg.data.pipeline in PIPELINES, "data.pipeline",
             f"must be one of {list(PIPELINES)}, got {cfg.data.pipeline!r}")
+    if cfg.data.pipeline == "predecoded":
+        require(cfg.data.dataset == "imagefolder", "data.pipeline",
+                f"'predecoded' stores an ImageFolder's images; data.dataset is {cfg.data.dataset!r} "
+                "(use pipeline 'device' for Fashion-MNIST, whose images are raw uint8 already)")
+        require(bool(cfg.data.predecoded_dir), "data.predecoded_dir",
+                "pipeline 'predecoded' reads its images from here: set it to a folder written by "
+                "`python -m mae predecode --data-dir <ImageFolder> --out <folder>`")
     require(cfg.data.prefetch is None or cfg.data.prefetch >= 0, "data.prefetch",
             f"must be >= 0 (0: prepare each batch inline) or null (2 on CUDA, 0 elsewhere), got {cfg.data.prefetch}")
     require(cfg.optim.base_lr > 0, "optim.base_lr", "must be positive")
@@ -398,7 +407,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
 DATASETS = ("fashion_mnist", "imagefolder", "synthetic")
-PIPELINES = ("cpu", "device")  # where images are decoded and augmented: mae.data, mae.device_input
+PIPELINES = ("cpu", "device", "predecoded")  # where images are decoded and augmented: mae.data, mae.device_input
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes torch.compile replays as CUDA graphs
 PRECISIONS = ("auto", "bf16", "fp32")

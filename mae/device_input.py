@@ -15,8 +15,9 @@ conversion pass, no second copy of the data set several times the JPEGs' size, n
 resolution fixed at conversion time) and leaves the host almost idle, so it scales with
 GPUs per host. Its cost is GPU time spent decoding; `benchmarks/input_pipeline.py`
 measures whether that stays within 10% of the synthetic-input step. `DeviceAugment`
-does not care where its uint8 images come from, so a pre-decoded store can feed it
-unchanged if the measurement says otherwise.
+does not care where its uint8 images come from: `data.pipeline: predecoded`
+(mae.predecoded) feeds it from a store decoded once ahead of training, for when the
+measurement says GPU decoding holds the step back.
 
 Interpolation: bicubic with antialiasing, the CPU path's filter (torchvision v2
 RandomResizedCrop(BICUBIC, antialias=True)), so switching pipelines does not change what
@@ -34,6 +35,7 @@ import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -47,6 +49,7 @@ from mae.data import (
     PIL_ERRORS, FashionMNIST, ImageFolder, build_dataset, collate_skip_none, decode_pil,
     fashion_mnist_root, imagefolder_root, normalization,
 )
+from mae.predecoded import PackedBatch, PredecodedImages, collate_packed
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +395,16 @@ class DecodeAndAugment:
         return self.augment(images), labels
 
 
+class UnpackAndAugment:
+    """to_batch of a PackedBatch from a pre-decoded store: one copy to the device, then augment."""
+
+    def __init__(self, augment: DeviceAugment):
+        self.augment = augment
+
+    def __call__(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.augment(batch.images(self.augment.device)), batch.labels
+
+
 class Prefetcher:
     """Runs `to_batch` on the coming batches in a background thread, `depth` batches ahead.
 
@@ -528,8 +541,9 @@ def build_pretrain_input(
     to_batch(batch from the loader) -> (imgs (N, C, S, S) float on `device`, labels (N,)
     int64 on the CPU). `data.pipeline: cpu`: mae.data's dataset, augmented in the
     workers; to_batch moves it. `device`: Fashion-MNIST comes as raw uint8 and an
-    ImageFolder as encoded bytes, decoded and augmented by to_batch on `device`;
-    synthetic data is moved as it is. seed: the augmentation generator's (default
+    ImageFolder as encoded bytes, decoded and augmented by to_batch on `device`.
+    `predecoded`: uint8 pixels from data.predecoded_dir (mae.predecoded), augmented by
+    to_batch on `device`. Synthetic data is moved as it is. seed: the augmentation generator's (default
     train.seed; give each DDP rank its own, e.g. train.seed + rank).
     """
     device = torch.device(device)
@@ -543,6 +557,11 @@ def build_pretrain_input(
     if d.dataset == "fashion_mnist":
         dataset = RawFashionMNIST(fashion_mnist_root(cfg), train=True, subset=d.train_subset)
         return dataset, default_collate, AugmentOnDevice(augment)
+    if d.pipeline == "predecoded":
+        dataset = PredecodedImages(Path(d.predecoded_dir).expanduser(), in_chans=args["in_chans"])
+        if d.train_subset is not None:
+            dataset = Subset(dataset, range(min(d.train_subset, len(dataset))))
+        return dataset, collate_packed, UnpackAndAugment(augment)
     dataset = EncodedImageFolder(imagefolder_root(cfg, "train"), in_chans=args["in_chans"])
     if d.train_subset is not None:
         dataset = Subset(dataset, range(min(d.train_subset, len(dataset))))

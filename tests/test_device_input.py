@@ -371,7 +371,7 @@ def test_decode_mode_must_be_rgb_or_gray():
 
 
 def test_bogus_pipeline_names_the_key_and_the_choices():
-    with pytest.raises(ConfigError, match=r"data\.pipeline: must be one of \['cpu', 'device'\], got 'bogus'"):
+    with pytest.raises(ConfigError, match=r"data\.pipeline: must be one of \['cpu', 'device', 'predecoded'\], got 'bogus'"):
         load_config(None, ["data.pipeline=bogus"])
 
 
@@ -544,7 +544,8 @@ def test_input_pipeline_benchmark_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 12 and report["jpegs"]["mean_kb"] > 0
     assert report["results"]["device+prefetch"]["prefetch"] == 2 and report["results"]["device"]["prefetch"] == 0
-    for name in ("cpu", "device", "device+prefetch"):
+    assert (tmp_path / "jpegs-predecoded-256" / "meta.json").is_file() and report["store"]["mb"] > 0
+    for name in ("cpu", "device", "device+prefetch", "predecoded", "predecoded+prefetch"):
         arm = report["results"][name]
         assert arm["input"]["images"] == 2 * 4 and arm["end_to_end"]["images"] == 2 * 4
         assert arm["input"]["img_per_s"] > 0 and arm["ratio_end_to_end_over_synthetic"] > 0

@@ -1,0 +1,211 @@
+"""mae.predecoded and `data.pipeline: predecoded`: the conversion keeps what the CPU pipeline
+keeps, shrunk as documented; interrupted, refused or damaged stores give clear errors and
+lose nothing; the pipeline augments exactly the stored pixels and pretrains."""
+
+import json
+import logging
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
+
+import mae.engine
+import mae.predecoded
+from mae.cli import main
+from mae.config import ConfigError, load_config
+from mae.data import CorruptDatasetError, DatasetNotFoundError, decode_pil, normalization
+from mae.device_input import DeviceAugment, UnpackAndAugment, build_pretrain_input
+from mae.predecoded import PackedBatch, PredecodedImages, collate_packed, write_store
+from tests.test_device_input import folder_cfg, make_folder
+
+# make_folder's files in ImageFolder order: (class, name, (H, W)); None: unreadable
+FILES = [(0, "a/0.jpg", (60, 80)), (0, "a/1.jpg", (60, 80)), (0, "a/photo.bmp", (40, 30)),
+         (0, "a/photo.png", (50, 70)), (1, "b/0.jpg", (60, 80)), (1, "b/corrupt.jpg", None),
+         (1, "b/truncated.jpg", None)]
+READABLE = [f for f in FILES if f[2] is not None]
+
+
+@pytest.fixture
+def store(tmp_path):
+    """make_folder's 7 files converted with shorter side <= 40: returns (source, store folder)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_folder(src)
+    write_store(src, tmp_path / "store", short_side=40)
+    return src, tmp_path / "store"
+
+
+def test_store_holds_the_readable_images_shrunk_with_their_labels(tmp_path, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_folder(src)
+    with caplog.at_level(logging.WARNING, logger="mae.predecoded"):
+        meta = write_store(src, tmp_path / "store", short_side=40, workers=2)
+    assert meta["count"] == 5 and meta["skipped"] == 2 and meta["classes"] == ["a", "b"]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert str(src / "b" / "corrupt.jpg") in warned and str(src / "b" / "truncated.jpg") in warned
+    ds = PredecodedImages(tmp_path / "store", in_chans=3)
+    assert len(ds) == 5
+    for i, (label, name, (H, W)) in enumerate(READABLE):
+        img, got_label = ds[i]
+        original = decode_pil(src / name, "RGB")
+        assert got_label == label and img.dtype == torch.uint8
+        if min(H, W) <= 40:  # small enough: stored exactly as decoded
+            assert torch.equal(img, original)
+            continue
+        h, w = (40, round(W * 40 / H)) if H <= W else (round(H * 40 / W), 40)
+        assert img.shape == (3, h, w)  # shorter side 40, aspect ratio kept
+        resized = TF.resize(original, [h, w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        assert (img.float() - resized.float()).abs().mean() < 2.0  # PIL's filter against torch's
+
+
+def test_greyscale_store_and_channel_mismatch(tmp_path, store):
+    src, _ = store
+    write_store(src, tmp_path / "grey", short_side=None, in_chans=1)
+    grey = PredecodedImages(tmp_path / "grey", in_chans=1)
+    assert torch.equal(grey[0][0], decode_pil(src / "a" / "0.jpg", "L"))  # full size, one channel
+    with pytest.raises(ValueError, match=r"1-channel images but model.in_chans is 3.*--channels 3"):
+        PredecodedImages(tmp_path / "grey", in_chans=3)
+
+
+def test_interrupted_conversion_leaves_no_store_and_is_named(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_folder(src)
+    real = mae.predecoded._Shrunk.__getitem__
+
+    def interrupted(self, i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return real(self, i)
+
+    monkeypatch.setattr(mae.predecoded._Shrunk, "__getitem__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_store(src, tmp_path / "store")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "store.partial").exists()
+    with pytest.raises(DatasetNotFoundError, match=r"no pre-decoded store at .*python -m mae predecode"):
+        PredecodedImages(tmp_path / "store")
+    (tmp_path / "store.partial").mkdir()  # what a killed conversion leaves
+    with pytest.raises(DatasetNotFoundError, match="interrupted"):
+        PredecodedImages(tmp_path / "store")
+
+
+def test_an_existing_folder_is_never_overwritten(tmp_path, store):
+    src, out = store
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_store(src, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_folder_with_no_readable_image_is_refused(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "x.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    with pytest.raises(CorruptDatasetError, match="none of the 1 images"):
+        write_store(tmp_path / "src", tmp_path / "store")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "store.partial").exists()
+
+
+def test_truncated_or_damaged_store_is_a_clear_error(store):
+    _, out = store
+    pixels = (out / "images.u8").read_bytes()
+    (out / "images.u8").write_bytes(pixels[:-100])
+    with pytest.raises(CorruptDatasetError, match=r"truncated or damaged.*delete it and write it with"):
+        PredecodedImages(out)
+    (out / "images.u8").write_bytes(pixels)
+    assert len(PredecodedImages(out)) == 5
+    (out / "index.npz").write_bytes(b"garbage")
+    with pytest.raises(CorruptDatasetError, match="is damaged"):
+        PredecodedImages(out)
+
+
+def test_workers_get_the_index_not_the_pixels(store):
+    _, out = store
+    ds = PredecodedImages(out)
+    first = ds[0][0]  # opens the memory map in this process
+    copy = pickle.loads(pickle.dumps(ds))
+    assert len(pickle.dumps(ds)) < (out / "images.u8").stat().st_size / 4
+    assert torch.equal(copy[0][0], first)
+
+
+def test_packed_batch_round_trips_images_of_different_sizes(store):
+    _, out = store
+    ds = PredecodedImages(out)
+    batch = collate_packed([ds[i] for i in range(len(ds))])
+    assert isinstance(batch, PackedBatch) and batch.data.dim() == 1
+    assert all(torch.equal(a, ds[i][0]) for i, a in enumerate(batch.images("cpu")))
+    assert batch.labels.tolist() == [f[0] for f in READABLE]
+
+
+def test_pipeline_augments_exactly_the_stored_pixels(store):
+    src, out = store
+    cfg = folder_cfg(src, "predecoded", f"data.predecoded_dir={out}", "train.seed=3")
+    dataset, collate, to_batch = build_pretrain_input(cfg, "cpu")
+    assert isinstance(to_batch, UnpackAndAugment) and len(dataset) == 5
+    loader = DataLoader(dataset, batch_size=5, shuffle=False, collate_fn=collate, num_workers=1)
+    imgs, labels = to_batch(next(iter(loader)))
+    assert imgs.shape == (5, 3, 32, 32) and labels.tolist() == [f[0] for f in READABLE]
+    same = DeviceAugment(32, *normalization(cfg), device="cpu", seed=3)
+    stored = [dataset[i][0] for i in range(5)]
+    assert torch.equal(imgs, same(stored))
+    subset = build_pretrain_input(folder_cfg(src, "predecoded", f"data.predecoded_dir={out}",
+                                             "data.train_subset=2"), "cpu")[0]
+    assert len(subset) == 2
+
+
+def test_pretraining_from_a_store(store):
+    src, out = store
+    cfg = folder_cfg(src, "predecoded", f"data.predecoded_dir={out}", "train.batch_size=4", "train.epochs=2",
+                     "train.progress=false", "data.num_workers=1")
+    result = mae.engine.pretrain(cfg, out.parent / "run", device="cpu")
+    assert len(result.epochs) == 2 and all(math.isfinite(e["train_loss"]) for e in result.epochs)
+
+
+def test_config_names_what_the_predecoded_pipeline_needs():
+    with pytest.raises(ConfigError, match=r"data\.predecoded_dir: .*python -m mae predecode"):
+        load_config(None, ["data.dataset=imagefolder", "data.pipeline=predecoded"])
+    with pytest.raises(ConfigError, match=r"data\.pipeline: 'predecoded' stores an ImageFolder"):
+        load_config(None, ["data.pipeline=predecoded", "data.predecoded_dir=/x"])
+
+
+def test_missing_store_at_pretraining_says_how_to_make_one(tmp_path, store):
+    src, _ = store
+    cfg = folder_cfg(src, "predecoded", f"data.predecoded_dir={tmp_path / 'nowhere'}")
+    with pytest.raises(DatasetNotFoundError, match="python -m mae predecode"):
+        build_pretrain_input(cfg, "cpu")
+
+
+def test_cli_converts_and_refuses_to_overwrite(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_folder(src)
+    out = tmp_path / "store"
+    assert main(["predecode", "--data-dir", str(src), "--out", str(out), "--short-side", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["count"] == 5 and printed["short_side"] is None and printed["classes"] == 2
+    assert PredecodedImages(out)[0][0].shape == (3, 60, 80)  # 0: full size
+    assert main(["predecode", "--data-dir", str(src), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["predecode", "--data-dir", str(src)]) == 2
+    assert "give --out" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pipeline_from_pinned_batches_matches_the_cpu(store):
+    src, out = store
+    cfg = folder_cfg(src, "predecoded", f"data.predecoded_dir={out}")
+    results = {}
+    for device in ("cpu", "cuda"):
+        dataset, collate, to_batch = build_pretrain_input(cfg, device)
+        loader = DataLoader(dataset, batch_size=5, collate_fn=collate, num_workers=1, pin_memory=device == "cuda")
+        batch = next(iter(loader))
+        assert batch.data.is_pinned() == (device == "cuda")
+        results[device] = to_batch(batch)
+    assert results["cuda"][0].device.type == "cuda"
+    torch.testing.assert_close(results["cuda"][0].cpu(), results["cpu"][0], atol=1e-3, rtol=0)
+    assert torch.equal(results["cuda"][1], results["cpu"][1])
