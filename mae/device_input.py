@@ -34,6 +34,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -505,12 +506,22 @@ class Prefetcher:
                     t.record_stream(stream)
         return out
 
-    def close(self) -> None:
-        """Stop the thread (after the batch it is preparing) and drop what it prepared."""
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the thread (after the batch it is preparing) and drop what it prepared.
+
+        Waits at most `timeout` seconds for that batch: a thread stuck in a hung loader
+        is left behind with a warning (it is a daemon, and reads no further batch)
+        rather than hanging the caller, which is usually on its way out with an error.
+        """
         if self.depth == 0 or self._stop.is_set():
             return
         self._stop.set()
+        deadline = time.monotonic() + timeout
         while self._thread.is_alive():
+            if time.monotonic() > deadline:
+                log.warning("the prefetch thread is still preparing a batch after %.0f s (a hung DataLoader "
+                            "worker?); leaving it behind", timeout)
+                return
             with contextlib.suppress(queue.Empty):
                 self._queue.get(timeout=0.05)
         self._thread.join()

@@ -74,6 +74,8 @@ EPOCH_COLUMNS: list[Column] = [
     Column("lr", pa.float64(), "learning rate at the last step of the epoch"),
     Column("epoch_time_s", pa.float64(), "seconds the epoch took"),
     Column("images_per_sec", pa.float64(), "training throughput of the epoch, all workers together"),
+    Column("input_wait_frac", pa.float64(), "fraction of the epoch rank 0 spent waiting for its next batch: near 0, "
+           "the step sets the pace; well above 0, the input pipeline does"),
 ]
 
 

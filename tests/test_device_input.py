@@ -5,6 +5,7 @@ decode, the kernels on the GPU) are checked by the gpu-marked test at the end.""
 import io
 import logging
 import math
+import threading
 import time
 
 import numpy as np
@@ -461,6 +462,26 @@ def test_closing_early_stops_the_thread_and_reads_only_depth_ahead():
     assert len(read) <= 1 + 2 + 1  # the one consumed, `depth` queued, one in the thread's hands
     with pytest.raises(StopIteration):
         next(prepared)
+
+
+def test_closing_does_not_hang_on_a_loader_that_hangs(caplog):
+    release = threading.Event()
+
+    def hung():
+        yield from raw_batches(1, size=8)
+        release.wait()  # a DataLoader worker that never answers
+        yield from raw_batches(1, size=8)
+
+    prepared = Prefetcher(hung(), lambda b: b, "cpu", depth=2)
+    next(prepared)
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="mae.device_input"):
+        prepared.close(timeout=0.3)
+    assert time.perf_counter() - start < 5
+    assert prepared._thread.is_alive() and "still preparing a batch" in caplog.text
+    release.set()  # the thread then finds close() was called and ends without queueing
+    prepared._thread.join(timeout=5)
+    assert not prepared._thread.is_alive()
 
 
 def test_prefetch_setting_and_its_default():

@@ -173,3 +173,29 @@ def test_compiled_step_follows_the_eager_loss_curve(fashion_mnist_dir):
         ])
     assert curves[False][-1] < curves[False][0]  # it trains
     torch.testing.assert_close(curves[True], curves[False], rtol=1e-4, atol=0)
+
+
+def test_epochs_report_the_time_spent_waiting_for_input(tmp_path, monkeypatch, fashion_mnist_dir):
+    """A to_batch slowed by 0.1 s a batch adds 4 x 0.1 s of waiting to each 4-step epoch."""
+    import time
+
+    import mae.engine
+
+    real = mae.engine.build_pretrain_input
+
+    def slowed(*args, **kwargs):
+        dataset, collate, to_batch = real(*args, **kwargs)
+
+        def slow_to_batch(batch):
+            time.sleep(0.1)
+            return to_batch(batch)
+
+        return dataset, collate, slow_to_batch
+
+    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=1", "train.progress=false")
+    fast = pretrain(cfg, tmp_path / "fast").epochs[0]
+    monkeypatch.setattr(mae.engine, "build_pretrain_input", slowed)
+    slow = pretrain(cfg, tmp_path / "slow").epochs[0]
+    waited = {name: e["input_wait_frac"] * e["epoch_time_s"] for name, e in (("fast", fast), ("slow", slow))}
+    assert 0 <= fast["input_wait_frac"] < slow["input_wait_frac"] <= 1
+    assert waited["slow"] - waited["fast"] == pytest.approx(0.4, abs=0.1)

@@ -79,6 +79,7 @@ def test_smoke_sweep_writes_both_tables_with_loadable_checkpoints(resumed_sweep)
     assert trials.column_names == list(results.trials_schema().names)
     assert trials.schema.equals(results.trials_schema())
     assert epochs.schema.equals(results.epochs_schema())
+    assert all(0 <= e["input_wait_frac"] <= 1 for e in epochs.to_pylist())
     rows = trials.to_pylist()
     assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
     assert sorted(r["mask.ratio"] for r in rows) == [0.5, 0.75]
