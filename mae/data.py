@@ -119,14 +119,18 @@ class FashionMNIST(Dataset):
 PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)  # what an unreadable image raises
 
 
-def decode_pil(source: str | Path | BinaryIO, mode: str) -> torch.Tensor:
-    """Decode an image file (a path or a file object) with PIL into (C, H, W) uint8, mode "RGB" or "L".
+def read_pil(source: str | Path | BinaryIO, mode: str) -> Image.Image:
+    """Decode an image file (a path or a file object) with PIL, fully, in mode "RGB" or "L".
 
     Raises one of PIL_ERRORS when the file is not a readable image.
     """
     with Image.open(source) as im:
-        img = im.convert(mode)  # forces a full decode: truncation shows here
-    return v2.functional.pil_to_tensor(img)
+        return im.convert(mode)  # forces a full decode: truncation shows here
+
+
+def decode_pil(source: str | Path | BinaryIO, mode: str) -> torch.Tensor:
+    """`read_pil` as a (C, H, W) uint8 tensor."""
+    return v2.functional.pil_to_tensor(read_pil(source, mode))
 
 
 class ImageFolder(Dataset):

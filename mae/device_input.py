@@ -554,8 +554,8 @@ def build_pretrain_input(
     workers; to_batch moves it. `device`: Fashion-MNIST comes as raw uint8 and an
     ImageFolder as encoded bytes, decoded and augmented by to_batch on `device`.
     `predecoded`: uint8 pixels from data.predecoded_dir (mae.predecoded), augmented by
-    to_batch on `device`. Synthetic data is moved as it is. seed: the augmentation generator's (default
-    train.seed; give each DDP rank its own, e.g. train.seed + rank).
+    to_batch on `device`. Synthetic data is moved as it is. seed: the augmentation
+    generator's (default train.seed; give each DDP rank its own, e.g. train.seed + rank).
     """
     device = torch.device(device)
     d = cfg.data
@@ -570,11 +570,11 @@ def build_pretrain_input(
         return dataset, default_collate, AugmentOnDevice(augment)
     if d.pipeline == "predecoded":
         dataset = PredecodedImages(Path(d.predecoded_dir).expanduser(), in_chans=args["in_chans"])
-        if d.train_subset is not None:
-            dataset = Subset(dataset, range(min(d.train_subset, len(dataset))))
-        return dataset, collate_packed, UnpackAndAugment(augment)
-    dataset = EncodedImageFolder(imagefolder_root(cfg, "train"), in_chans=args["in_chans"])
+        collate_fn, to_batch = collate_packed, UnpackAndAugment(augment)
+    else:
+        dataset = EncodedImageFolder(imagefolder_root(cfg, "train"), in_chans=args["in_chans"])
+        mode = ImageReadMode.GRAY if args["in_chans"] == 1 else ImageReadMode.RGB
+        collate_fn, to_batch = collate_encoded, DecodeAndAugment(augment, mode)
     if d.train_subset is not None:
         dataset = Subset(dataset, range(min(d.train_subset, len(dataset))))
-    mode = ImageReadMode.GRAY if args["in_chans"] == 1 else ImageReadMode.RGB
-    return dataset, collate_encoded, DecodeAndAugment(augment, mode)
+    return dataset, collate_fn, to_batch

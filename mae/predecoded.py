@@ -35,12 +35,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from mae.data import PIL_ERRORS, CorruptDatasetError, DatasetNotFoundError, ImageFolder, decode_pil
+from mae.data import PIL_ERRORS, CorruptDatasetError, DatasetNotFoundError, ImageFolder, read_pil
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mae-predecoded-1"
 IMAGES, INDEX, META = "images.u8", "index.npz", "meta.json"
+
+
+def partial_path(out: Path) -> Path:
+    """Where a conversion into `out` writes until it is complete."""
+    return out.with_name(out.name + ".partial")
 
 
 def shrink(img: Image.Image, short_side: int | None) -> Image.Image:
@@ -65,8 +70,7 @@ class _Shrunk(Dataset):
     def __getitem__(self, i: int) -> tuple[np.ndarray | None, int, str]:
         path, label = self.folder.samples[i]
         try:
-            with Image.open(path) as im:
-                img = shrink(im.convert(self.folder.mode), self.short_side)  # convert forces the full decode
+            img = shrink(read_pil(path, self.folder.mode), self.short_side)
         except PIL_ERRORS as e:
             return None, label, f"{path} ({e})"
         arr = np.array(img)  # (H, W) or (H, W, C); a writable copy
@@ -88,7 +92,7 @@ def write_store(source: str | Path, out: str | Path, short_side: int | None = 25
     if out.exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")
     folder = ImageFolder(source, in_chans=in_chans)  # DatasetNotFoundError names what to fix
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)  # left by an earlier interrupted run
     partial.mkdir(parents=True)
     try:
@@ -133,7 +137,7 @@ class PredecodedImages(Dataset):
         self.root = Path(root)
         redo = f"write it with `python -m mae predecode --data-dir <ImageFolder> --out {self.root}`"
         if not (self.root / META).is_file():
-            interrupted = self.root.with_name(self.root.name + ".partial").exists()
+            interrupted = partial_path(self.root).exists()
             raise DatasetNotFoundError(
                 f"no pre-decoded store at {self.root}"
                 + (" (a conversion was interrupted: its .partial folder is beside it)" if interrupted else "")
