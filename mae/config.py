@@ -76,7 +76,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False  # torch.compile the forward pass (and so its backward)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, float32 elsewhere) | bf16 | fp32
+    # auto (bf16 autocast on CUDA, float32 elsewhere) | bf16 | fp32; also the probes' and fine-tuning's forwards
+    precision: str = "auto"
     log_every: int = 20  # optimizer steps between host syncs for logging
     checkpoint_every: int = 1  # epochs
     max_steps_per_epoch: int | None = None  # cap, for smoke runs

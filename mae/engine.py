@@ -118,8 +118,10 @@ def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, lr: float) ->
 def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA unless train.precision says fp32; float32 elsewhere by default.
 
-    'auto' keeps CPUs in float32: bf16 autocast made our CPU steps slower (the casts cost
-    more than the matrix products gain), see BENCHMARKS.md.
+    One knob for every forward: pretraining, the quick and full linear probes' frozen
+    encoder, and fine-tuning (training and evaluation). 'auto' keeps CPUs in float32:
+    bf16 autocast made our CPU steps slower (the casts cost more than the matrix products
+    gain), see BENCHMARKS.md.
     """
     precision = cfg.train.precision
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from mae.checkpoint import CheckpointError
 from mae.config import ExperimentConfig, resolved_model_args
 from mae.data import build_dataset, collate_skip_none
-from mae.engine import autocast, seed_everything, select_device
+from mae.engine import autocast, autocast_dtype, seed_everything, select_device
 from mae.models import MaskedAutoencoderViT
 from mae.models.pos_embed import sincos_2d
 from mae.optim import cosine_lr, set_lr
@@ -143,12 +143,14 @@ def eval_shard(n: int, rank: int, world_size: int) -> range:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 over the loader (summed over ranks under DDP)."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             dtype: torch.dtype | None = None) -> float:
+    """Top-1 over the loader (summed over ranks under DDP), under autocast to dtype."""
     model.eval()
     counts = torch.zeros(2, device=device)  # correct, total
     for imgs, y in loader:
-        logits = model(imgs.to(device))  # (N, K)
+        with autocast(device, dtype):
+            logits = model(imgs.to(device))  # (N, K)
         counts[0] += (logits.argmax(1) == y.to(device)).sum()
         counts[1] += len(y)
     _, world_size = _world()
@@ -212,7 +214,7 @@ def finetune(
         criterion = LabelSmoothingCrossEntropy(smoothing=f.label_smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
-    bf16 = autocast(device, torch.bfloat16 if device.type == "cuda" else None)
+    dtype = autocast_dtype(cfg, device)
 
     steps_per_epoch = len(train_loader)
     total, warmup = f.epochs * steps_per_epoch, int(round(f.warmup_epochs * steps_per_epoch))
@@ -233,7 +235,7 @@ def finetune(
                 imgs, y = imgs[:-1], y[:-1]
             if mixup is not None:
                 imgs, y = mixup(imgs, y)  # y: (N, K) soft targets
-            with bf16:
+            with autocast(device, dtype):
                 loss = criterion(train_model(imgs), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -251,7 +253,7 @@ def finetune(
             raise FloatingPointError(f"fine-tuning loss became {train_loss} in epoch {epoch + 1}; lower "
                                      "finetune.base_lr, set finetune.clip_grad or lengthen finetune.warmup_epochs")
         images += n_images * world_size
-        top1 = evaluate(model, test_loader, device)
+        top1 = evaluate(model, test_loader, device, dtype)
         metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "lr": lr,
                    "test_top1": top1, "epoch_time_s": epoch_time,
                    "images_per_sec": n_images * world_size / epoch_time}

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mae.config import ExperimentConfig, to_dict
 from mae.data import build_dataset, collate_skip_none
-from mae.engine import autocast, select_device
+from mae.engine import autocast, autocast_dtype, select_device
 from mae.models import MaskedAutoencoderViT
 from mae.optim import cosine_lr, set_lr
 
@@ -41,15 +41,15 @@ def num_classes(dataset: Dataset) -> int:
 @torch.no_grad()
 def extract_features(
     model: MaskedAutoencoderViT, dataset: Dataset, device: torch.device, pool: str = "cls",
-    batch_size: int = 512,
+    batch_size: int = 512, dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features (M, D) float32 on the CPU and labels (M,)."""
+    """Frozen features (M, D) float32 on the CPU and labels (M,); the encoder runs under
+    autocast to `dtype` (None: float32)."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
-    bf16 = autocast(device, torch.bfloat16 if device.type == "cuda" else None)
     feats, labels = [], []
     for imgs, y in loader:
-        with bf16:
+        with autocast(device, dtype):
             feats.append(model.forward_features(imgs.to(device), pool=pool).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -90,8 +90,9 @@ def quick_probe(
     p = cfg.probe
     train = build_dataset(cfg, "train", augment=False, subset=p.quick_train_size)
     test = build_dataset(cfg, "test", augment=False, subset=p.quick_test_size)
-    x_train, y_train = extract_features(model, train, device, p.pool)
-    x_test, y_test = extract_features(model, test, device, p.pool)
+    dtype = autocast_dtype(cfg, device)
+    x_train, y_train = extract_features(model, train, device, p.pool, dtype=dtype)
+    x_test, y_test = extract_features(model, test, device, p.pool, dtype=dtype)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     head = fit_logistic(x_train, y_train, num_classes(train), p.quick_epochs, p.quick_lr, p.quick_weight_decay)
@@ -169,11 +170,14 @@ def load_probe_head(path: str | os.PathLike) -> tuple[LinearProbeHead, dict[str,
 
 @torch.no_grad()
 def evaluate(model: MaskedAutoencoderViT, head: nn.Module, loader: DataLoader, device: torch.device,
-             pool: str) -> float:
+             pool: str, dtype: torch.dtype | None = None) -> float:
+    """Top-1 of the head on the frozen encoder's features (encoder under autocast to dtype)."""
     head.eval()
     correct = total = 0
     for imgs, y in loader:
-        logits = head(model.forward_features(imgs.to(device), pool=pool).float())
+        with autocast(device, dtype):
+            feats = model.forward_features(imgs.to(device), pool=pool)
+        logits = head(feats.float())
         correct += (logits.argmax(1).cpu() == y).sum().item()
         total += len(y)
     return correct / max(1, total)
@@ -204,6 +208,7 @@ def linear_probe(
     optimizer = probe_optimizer(head, p.optimizer, peak_lr, p.weight_decay)
     steps_per_epoch = len(train_loader)
     total, warmup = p.epochs * steps_per_epoch, int(round(p.warmup_epochs * steps_per_epoch))
+    dtype = autocast_dtype(cfg, device)  # the frozen encoder's; the head trains in float32
     result, step = ProbeResult(top1=0.0, test_images=len(test)), 0
     for epoch in range(p.epochs):
         head.train()
@@ -211,15 +216,16 @@ def linear_probe(
         for imgs, y in tqdm(train_loader, desc=f"probe {epoch + 1}/{p.epochs}", leave=False,
                             disable=not progress):
             set_lr(optimizer, cosine_lr(step, total, warmup, peak_lr))
-            with torch.no_grad():
-                feats = model.forward_features(imgs.to(device), pool=p.pool).float()
+            with torch.no_grad(), autocast(device, dtype):
+                feats = model.forward_features(imgs.to(device), pool=p.pool)
+            feats = feats.float()
             loss = nn.functional.cross_entropy(head(feats), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach()
             step += 1
-        top1 = evaluate(model, head, test_loader, device, p.pool)
+        top1 = evaluate(model, head, test_loader, device, p.pool, dtype)
         result.epochs.append({"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch,
                               "test_top1": top1})
         log.info("probe epoch %d/%d loss %.4f test top-1 %.4f", epoch + 1, p.epochs,

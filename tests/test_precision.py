@@ -1,0 +1,58 @@
+"""train.precision sets the autocast of every forward, not only pretraining's.
+
+On this CPU 'auto' means float32, so the test asks for bf16 and fp32 explicitly and looks
+at the dtype the encoder's attention blocks produced: under bf16 autocast their output
+projection returns bfloat16, in float32 it returns float32.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from timm.models.vision_transformer import Attention
+
+from mae.config import load_config
+from mae.finetune import finetune
+from mae.models import build_mae
+from mae.probe import linear_probe, quick_probe
+
+from conftest import REPO
+
+SMOKE = str(REPO / "experiments" / "smoke.yaml")
+SMALL = [
+    "probe.quick_train_size=64", "probe.quick_test_size=64", "probe.quick_epochs=2",
+    "probe.train_subset=64", "probe.test_subset=64", "probe.batch_size=32",
+    "finetune.epochs=1", "finetune.batch_size=32", "finetune.train_subset=64", "finetune.test_subset=64",
+]
+
+
+@contextlib.contextmanager
+def attention_dtypes():
+    """The set of dtypes every timm Attention module returned while the block ran."""
+    seen: set[torch.dtype] = set()
+
+    def hook(module, args, output):
+        if isinstance(module, Attention):
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_probes_and_finetuning_follow_train_precision(fashion_mnist_dir, precision, dtype):
+    cfg = load_config(SMOKE, [*SMALL, f"train.precision={precision}"])
+    torch.manual_seed(0)
+    model = build_mae("mae_vit_micro_patch4")
+    with attention_dtypes() as quick:
+        quick_probe(model, cfg, device="cpu")
+    with attention_dtypes() as full:
+        result = linear_probe(model, cfg, device="cpu", progress=False)
+    with attention_dtypes() as tuned:
+        finetune(cfg, model.state_dict(), device="cpu", progress=False)
+    assert (quick, full, tuned) == ({dtype}, {dtype}, {dtype})
+    assert 0.0 <= result.top1 <= 1.0
