@@ -101,6 +101,9 @@ class ProbeConfig:
     warmup_epochs: float = 10.0
     optimizer: str = "lars"  # lars | sgd
     augment: bool = True  # RandomResizedCrop + flip on the probe's training images, as the paper
+    # the crops' smallest area fraction: 0.08, torchvision's default, which the reference
+    # linear probe keeps (facebookresearch/mae main_linprobe.py); pretraining uses data.crop_scale_min
+    crop_scale_min: float = 0.08
     train_subset: int | None = None
     test_subset: int | None = None  # first K test images, scored after every epoch; None: the whole test split
 
@@ -373,6 +376,8 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     require(cfg.probe.pool in ("cls", "avg"), "probe.pool", f"must be 'cls' or 'avg', got {cfg.probe.pool!r}")
     require(cfg.probe.optimizer in ("lars", "sgd"), "probe.optimizer", "must be 'lars' or 'sgd'")
+    require(0.0 < cfg.probe.crop_scale_min <= 1.0, "probe.crop_scale_min",
+            f"must be in (0, 1], got {cfg.probe.crop_scale_min}")
     require(cfg.probe.quick_train_size >= 10, "probe.quick_train_size", "must be >= 10")
     require(cfg.probe.quick_test_size is None or cfg.probe.quick_test_size > 0, "probe.quick_test_size",
             f"must be positive (or null: the whole test split), got {cfg.probe.quick_test_size}")

@@ -254,13 +254,17 @@ def imagefolder_root(cfg: ExperimentConfig, split: str) -> Path:
 
 
 def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = True,
-                  subset: int | None = None) -> Dataset:
-    """The configured dataset's 'train' or 'test' split, with pretraining or eval transforms."""
+                  subset: int | None = None, scale_min: float | None = None) -> Dataset:
+    """The configured dataset's 'train' or 'test' split, with pretraining or eval transforms.
+
+    scale_min: the training crops' smallest area fraction (default data.crop_scale_min).
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     args = resolved_model_args(cfg)
     img_size, in_chans = args["img_size"], args["in_chans"]
     d = cfg.data
+    scale_min = d.crop_scale_min if scale_min is None else scale_min
     if d.dataset == "synthetic":
         size = d.synthetic_size if split == "train" else max(1, d.synthetic_size // 4)
         return SyntheticImages(subset or size, img_size, in_chans, seed=0 if split == "train" else 1)
@@ -268,7 +272,7 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = T
         root = fashion_mnist_root(cfg)
         mean, std = normalization(cfg)
         if split == "train" and augment:
-            tf = pretrain_transform(img_size, mean, std, d.crop_scale_min, d.hflip)
+            tf = pretrain_transform(img_size, mean, std, scale_min, d.hflip)
         else:
             tf = v2.Compose([v2.Resize(img_size, antialias=True), v2.ToDtype(torch.float32, scale=True),
                              v2.Normalize(mean, std)])
@@ -276,7 +280,7 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = T
     folder = imagefolder_root(cfg, split)
     mean, std = normalization(cfg)
     if split == "train" and augment:
-        tf = pretrain_transform(img_size, mean, std, d.crop_scale_min, d.hflip)
+        tf = pretrain_transform(img_size, mean, std, scale_min, d.hflip)
     else:
         tf = eval_transform(img_size, mean, std)
     ds = ImageFolder(folder, transform=tf, in_chans=in_chans)

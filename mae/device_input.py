@@ -557,16 +557,28 @@ def build_pretrain_input(
     to_batch on `device`. Synthetic data is moved as it is. seed: the augmentation
     generator's (default train.seed; give each DDP rank its own, e.g. train.seed + rank).
     """
+    return build_train_input(cfg, device, cfg.data.train_subset, cfg.data.crop_scale_min, seed)
+
+
+def build_train_input(
+    cfg: ExperimentConfig, device: torch.device | str, subset: int | None, scale_min: float,
+    seed: int | None = None,
+) -> tuple[torch.utils.data.Dataset, Callable, Callable]:
+    """`build_pretrain_input` for any job that trains on the augmented training split:
+    the first `subset` images (None: all), crops of at least `scale_min` of the area.
+    The full linear probe reads its training images through it too.
+    """
     device = torch.device(device)
     d = cfg.data
     if d.pipeline == "cpu" or d.dataset == "synthetic":
-        return build_dataset(cfg, "train", augment=True, subset=d.train_subset), collate_skip_none, ToDevice(device)
+        dataset = build_dataset(cfg, "train", augment=True, subset=subset, scale_min=scale_min)
+        return dataset, collate_skip_none, ToDevice(device)
     args = resolved_model_args(cfg)
     mean, std = normalization(cfg)
-    augment = DeviceAugment(args["img_size"], mean, std, scale=(d.crop_scale_min, 1.0), hflip=d.hflip,
+    augment = DeviceAugment(args["img_size"], mean, std, scale=(scale_min, 1.0), hflip=d.hflip,
                             device=device, seed=cfg.train.seed if seed is None else seed)
     if d.dataset == "fashion_mnist":
-        dataset = RawFashionMNIST(fashion_mnist_root(cfg), train=True, subset=d.train_subset)
+        dataset = RawFashionMNIST(fashion_mnist_root(cfg), train=True, subset=subset)
         return dataset, default_collate, AugmentOnDevice(augment)
     if d.pipeline == "predecoded":
         dataset = PredecodedImages(Path(d.predecoded_dir).expanduser(), in_chans=args["in_chans"])
@@ -575,6 +587,6 @@ def build_pretrain_input(
         dataset = EncodedImageFolder(imagefolder_root(cfg, "train"), in_chans=args["in_chans"])
         mode = ImageReadMode.GRAY if args["in_chans"] == 1 else ImageReadMode.RGB
         collate_fn, to_batch = collate_encoded, DecodeAndAugment(augment, mode)
-    if d.train_subset is not None:
-        dataset = Subset(dataset, range(min(d.train_subset, len(dataset))))
+    if subset is not None:
+        dataset = Subset(dataset, range(min(subset, len(dataset))))
     return dataset, collate_fn, to_batch

@@ -5,9 +5,10 @@
   with it, and its top-1 is the sweep objective.
 - `linear_probe`: the paper's recipe (He et al. 2021, Appendix A.2): frozen encoder,
   BatchNorm without affine before a linear head, LARS (timm's) or SGD, lr = base_lr *
-  batch / 256, cosine schedule with warm-up, augmented training images. Its trained
-  head is kept: `save_probe_head` writes it as a checkpoint folder, `load_probe_head`
-  reads it back (the frozen encoder it was trained on is not in it).
+  batch / 256, cosine schedule with warm-up, augmented training images, read through
+  `data.pipeline` as pretraining reads them (CPU workers, GPU decode or a pre-decoded
+  store). Its trained head is kept: `save_probe_head` writes it as a checkpoint folder,
+  `load_probe_head` reads it back (the frozen encoder it was trained on is not in it).
 Both report top-1 on the held-out test split.
 """
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from mae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mae.config import ExperimentConfig, to_dict
 from mae.data import build_dataset, collate_skip_none
+from mae.device_input import Prefetcher, ToDevice, build_train_input, prefetch_depth
 from mae.engine import autocast, autocast_dtype, select_device
 from mae.models import MaskedAutoencoderViT
 from mae.optim import cosine_lr, set_lr
@@ -195,12 +197,17 @@ def linear_probe(
     model = model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    train = build_dataset(cfg, "train", augment=p.augment, subset=p.train_subset)
+    if p.augment:  # crops and flips where data.pipeline says: CPU workers or the device
+        train, collate_fn, to_batch = build_train_input(cfg, device, p.train_subset, p.crop_scale_min)
+    else:
+        train = build_dataset(cfg, "train", augment=False, subset=p.train_subset)
+        collate_fn, to_batch = collate_skip_none, ToDevice(device)
     test = build_dataset(cfg, "test", augment=False, subset=p.test_subset)
     if len(train) < p.batch_size:
         raise ValueError(f"probe.batch_size {p.batch_size} exceeds the {len(train)} training images")
     train_loader = DataLoader(train, batch_size=p.batch_size, shuffle=True, drop_last=True,
-                              num_workers=cfg.data.num_workers, collate_fn=collate_skip_none)
+                              num_workers=cfg.data.num_workers, collate_fn=collate_fn,
+                              pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     test_loader = DataLoader(test, batch_size=512, collate_fn=collate_skip_none)
     dim = model.cls_token.shape[-1]
     head = LinearProbeHead(dim, num_classes(train)).to(device)
@@ -213,20 +220,24 @@ def linear_probe(
     for epoch in range(p.epochs):
         head.train()
         loss_sum = torch.zeros((), device=device)
-        for imgs, y in tqdm(train_loader, desc=f"probe {epoch + 1}/{p.epochs}", leave=False,
-                            disable=not progress):
-            set_lr(optimizer, cosine_lr(step, total, warmup, peak_lr))
-            with torch.no_grad(), autocast(device, dtype):
-                feats = model.forward_features(imgs.to(device), pool=p.pool)
-            feats = feats.float()
-            loss = nn.functional.cross_entropy(head(feats), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            step += 1
+        n_steps = 0
+        with Prefetcher(train_loader, to_batch, device, prefetch_depth(cfg, device)) as batches:
+            for imgs, y in tqdm(batches, total=steps_per_epoch, desc=f"probe {epoch + 1}/{p.epochs}",
+                                leave=False, disable=not progress):
+                set_lr(optimizer, cosine_lr(step, total, warmup, peak_lr))
+                step += 1
+                if imgs.shape[0] < 2:  # unreadable images (each one logged) left too few for BatchNorm
+                    continue
+                with torch.no_grad(), autocast(device, dtype):
+                    feats = model.forward_features(imgs, pool=p.pool)
+                loss = nn.functional.cross_entropy(head(feats.float()), y.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+                n_steps += 1
         top1 = evaluate(model, head, test_loader, device, p.pool, dtype)
-        result.epochs.append({"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch,
+        result.epochs.append({"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, n_steps),
                               "test_top1": top1})
         log.info("probe epoch %d/%d loss %.4f test top-1 %.4f", epoch + 1, p.epochs,
                  result.epochs[-1]["train_loss"], top1)

@@ -22,6 +22,7 @@ from tests.conftest import REPO
     ("train.precision=fp16", "train.precision"),
     ("probe.quick_test_size=0", "probe.quick_test_size"),
     ("probe.train_subset=-5", "probe.train_subset"),
+    ("probe.crop_scale_min=0", "probe.crop_scale_min"),
     ("data.prefetch=-1", "data.prefetch"),
     ("train.compile=true train.compile_mode=reduce-overhead train.accum_iter=2", "train.compile_mode"),
     ("train.compile=true train.compile_mode=max-autotune train.accum_iter=2", "train.compile_mode"),

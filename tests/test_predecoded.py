@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import mae.engine
@@ -18,8 +19,10 @@ import mae.predecoded
 from mae.cli import main
 from mae.config import ConfigError, load_config
 from mae.data import CorruptDatasetError, DatasetNotFoundError, decode_pil, normalization
-from mae.device_input import DeviceAugment, UnpackAndAugment, build_pretrain_input
+from mae.device_input import DeviceAugment, UnpackAndAugment, build_pretrain_input, build_train_input
+from mae.models import build_mae
 from mae.predecoded import PackedBatch, PredecodedImages, collate_packed, write_store
+from mae.probe import linear_probe
 from tests.test_device_input import folder_cfg, make_folder
 
 # make_folder's files in ImageFolder order: (class, name, (H, W)); None: unreadable
@@ -163,6 +166,41 @@ def test_pretraining_from_a_store(store):
                      "train.progress=false", "data.num_workers=1")
     result = mae.engine.pretrain(cfg, out.parent / "run", device="cpu")
     assert len(result.epochs) == 2 and all(math.isfinite(e["train_loss"]) for e in result.epochs)
+
+
+def test_linear_probe_trains_on_the_store_with_the_probes_crop_scale(tmp_path, store, monkeypatch):
+    src, out = store
+    probe = ["probe.batch_size=2", "probe.epochs=1", "probe.optimizer=sgd", "probe.warmup_epochs=0",
+             "probe.crop_scale_min=0.5"]
+    cfg = folder_cfg(src, "predecoded", f"data.predecoded_dir={out}", *probe)
+    scales = []
+    augment = DeviceAugment.__call__
+    monkeypatch.setattr(DeviceAugment, "__call__", lambda self, images: scales.append(self.scale) or augment(self, images))
+    result = linear_probe(build_mae("mae_vit_micro_patch4", img_size=32, in_chans=3), cfg, device="cpu", progress=False)
+    assert scales == [(0.5, 1.0)] * 2  # the store's 5 images in batches of 2, the last one dropped
+    assert 0.0 <= result.top1 <= 1.0 and result.test_images == 7  # the test split is the JPEGs
+    gone = folder_cfg(src, "predecoded", f"data.predecoded_dir={tmp_path / 'nowhere'}", *probe)
+    with pytest.raises(DatasetNotFoundError, match="python -m mae predecode"):
+        linear_probe(build_mae("mae_vit_micro_patch4", img_size=32, in_chans=3), gone, device="cpu", progress=False)
+    # with CPU workers the crops come from the dataset's transform, at the same scale
+    dataset = build_train_input(folder_cfg(src, "cpu"), "cpu", subset=3, scale_min=0.5)[0]
+    crops = [t for t in dataset.dataset.transform.transforms if isinstance(t, v2.RandomResizedCrop)]
+    assert len(dataset) == 3 and [c.scale for c in crops] == [(0.5, 1.0)]
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_linear_probe_skips_batches_unreadable_images_leave_too_small_for_batchnorm(tmp_path, pipeline):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_folder(src)
+    only_b = tmp_path / "b_only"
+    only_b.mkdir()
+    (src / "b").rename(only_b / "b")  # one readable JPEG, two unreadable: no batch of 2 has two images
+    cfg = folder_cfg(only_b, pipeline, "probe.batch_size=2", "probe.epochs=1", "probe.optimizer=sgd",
+                     "probe.warmup_epochs=0")
+    result = linear_probe(build_mae("mae_vit_micro_patch4", img_size=32, in_chans=3), cfg, device="cpu",
+                          progress=False)
+    assert result.test_images == 3 and result.top1 == 1.0  # one class: the one readable test image is right
 
 
 def test_config_names_what_the_predecoded_pipeline_needs():
