@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU figures and GPU tests in one prepared call to a one-GPU machine (H100),
+# Issue 5's GPU figures and GPU tests in one prepared call to a one-GPU machine (H100 or H200),
 # about 9 minutes, written for this project's `device` tool:
 #   run(command="bash benchmarks/gpu_check.sh", timeout_s=600)
 # (the step limits add up to 570 s, so the summary and logs.txt are written even if every step runs to its limit)
