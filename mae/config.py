@@ -133,6 +133,9 @@ class FinetuneConfig:
     mixup_switch_prob: float = 0.5  # chance of cutmix rather than mixup when both are on
     clip_grad: float | None = None
     global_pool: str = "avg"  # avg (patch-token mean + fc_norm, the paper's) | token (cls)
+    # the crops' smallest area fraction: 0.08, timm's create_transform default, which the
+    # reference fine-tuning keeps (facebookresearch/mae util/datasets.py)
+    crop_scale_min: float = 0.08
     train_subset: int | None = None  # first K training images, for quick runs
     test_subset: int | None = None  # first K test images; None: the whole test split
 
@@ -404,6 +407,7 @@ def validate(cfg: ExperimentConfig) -> None:
     require(f.global_pool in ("avg", "token"), "finetune.global_pool",
             f"must be 'avg' or 'token', got {f.global_pool!r}")
     require(f.train_subset is None or f.train_subset > 0, "finetune.train_subset", "must be positive")
+    require(0.0 < f.crop_scale_min <= 1.0, "finetune.crop_scale_min", f"must be in (0, 1], got {f.crop_scale_min}")
     require(f.test_subset is None or f.test_subset > 0, "finetune.test_subset", "must be positive")
     require(cfg.sweep.search in ("grid", "optuna"), "sweep.search", "must be 'grid' or 'optuna'")
     require(cfg.sweep.mode in ("max", "min"), "sweep.mode", "must be 'max' or 'min'")

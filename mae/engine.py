@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ from mae.models import MaskedAutoencoderViT
 from mae.optim import cosine_lr, param_groups, set_lr
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -291,7 +292,7 @@ def pretrain(
                     set_lr(optimizer, lr)
                 n_read = imgs.shape[0]
                 if n_read == 0:  # every image of the batch was unreadable (each one logged)
-                    imgs = _stand_in(last_imgs, epoch, it)
+                    imgs = stand_in(last_imgs, epoch, it)
                 elif n_read < cfg.train.batch_size:  # some were: keep the shape static (no recompile)
                     imgs = fill_batch(imgs, cfg.train.batch_size)
                 last_imgs = imgs
@@ -388,21 +389,21 @@ def fill_batch(imgs: torch.Tensor, size: int) -> torch.Tensor:
     return imgs[torch.arange(size, device=imgs.device) % imgs.shape[0]]
 
 
-def _stand_in(last_imgs: torch.Tensor | None, epoch: int, it: int) -> torch.Tensor:
+def stand_in(last: T | None, epoch: int, it: int) -> T:
     """The batch to train on when none of a batch's images could be read: the previous one.
 
     Skipping the step instead would leave this rank one step behind the others under DDP
-    (they would wait for it forever) and shift the optimizer schedule. Its masks are drawn
-    afresh, so it is not the same sample twice.
+    (they would wait for it forever) and shift the optimizer schedule. In pretraining its
+    masks are drawn afresh, so it is not the same sample twice. Fine-tuning uses it too.
     """
-    if last_imgs is None:
+    if last is None:
         raise ValueError(
             f"no image of the first batch of epoch {epoch + 1} could be read (each file is named in the "
             "warnings above): the data set is damaged or data.data_dir points at the wrong files"
         )
     log.warning("no image of batch %d of epoch %d could be read; training on the previous batch again",
                 it, epoch + 1)
-    return last_imgs
+    return last
 
 
 def _check_finite(value: float, epoch: int, step: int) -> None:

@@ -9,8 +9,10 @@ pretrained final `norm` is not used then), a linear head initialised near zero
 trained, and the recipe of the paper's Table 9: AdamW, layer-wise lr decay (timm's
 `param_groups_layer_decay`), cosine schedule with warm-up, drop path, label smoothing,
 mixup/cutmix (timm's `Mixup` with `SoftTargetCrossEntropy`). RandAugment and random
-erasing are not applied: the training images get the pretraining augmentation
-(RandomResizedCrop + flip). Top-1 is measured on the test split after every epoch.
+erasing are not applied: the training images get RandomResizedCrop (smallest area
+`finetune.crop_scale_min`, the reference's 0.08) and a flip, read through `data.pipeline`
+as pretraining's are (CPU workers, GPU decode or a pre-decoded store). Top-1 is measured
+on the test split after every epoch.
 
 `finetune(cfg, weights)` starts from pretrained weights (a model, a state dict or a
 checkpoint path of ours or another tool's: see `mae.pretrained`);
@@ -42,7 +44,8 @@ from tqdm import tqdm
 from mae.checkpoint import CheckpointError
 from mae.config import ExperimentConfig, resolved_model_args
 from mae.data import build_dataset, collate_skip_none
-from mae.engine import autocast, autocast_dtype, seed_everything, select_device
+from mae.device_input import Prefetcher, build_train_input, prefetch_depth
+from mae.engine import autocast, autocast_dtype, seed_everything, select_device, stand_in
 from mae.models import MaskedAutoencoderViT
 from mae.models.pos_embed import sincos_2d
 from mae.optim import cosine_lr, set_lr
@@ -178,8 +181,11 @@ def finetune(
     device = torch.device(device) if device is not None else select_device(cfg.train.device)
     seed_everything(cfg.train.seed + rank)
 
-    train = build_dataset(cfg, "train", augment=True, subset=f.train_subset)
+    # crops and flips where data.pipeline says (CPU workers, or the device), each rank its own draws
+    train, collate_fn, to_batch = build_train_input(cfg, device, f.train_subset, f.crop_scale_min,
+                                                    seed=cfg.train.seed + rank)
     test = build_dataset(cfg, "test", augment=False, subset=f.test_subset)
+    classes = num_classes(train, test)
     if len(train) // world_size < f.batch_size:
         raise ValueError(f"finetune.batch_size {f.batch_size} exceeds the {len(train) // world_size} training "
                          "images per process; lower it or raise finetune.train_subset")
@@ -187,11 +193,10 @@ def finetune(
                                  drop_last=True)
     train_loader = DataLoader(train, batch_size=f.batch_size, sampler=sampler, drop_last=True,
                               num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                              collate_fn=collate_skip_none)
+                              persistent_workers=cfg.data.num_workers > 0, collate_fn=collate_fn)
     test_shard = Subset(test, eval_shard(len(test), rank, world_size))
     test_loader = DataLoader(test_shard, batch_size=max(f.batch_size, 256),
                              collate_fn=collate_skip_none)
-    classes = num_classes(train)
 
     model = build_classifier(cfg, classes)
     if not from_scratch:
@@ -226,26 +231,32 @@ def finetune(
         train_model.train()
         t_epoch = time.perf_counter()
         loss_sum, n_batches, n_images = torch.zeros((), device=device), 0, 0
-        for imgs, y in tqdm(train_loader, desc=f"finetune {epoch + 1}/{f.epochs}", leave=False,
-                            disable=not (progress and rank == 0)):
-            lr = cosine_lr(step, total, warmup, lr_peak, f.min_lr)
-            set_lr(optimizer, lr)  # each group's lr_scale carries its layer decay
-            imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if len(y) % 2:  # a skipped (unreadable) image left an odd batch; mixup pairs images
-                imgs, y = imgs[:-1], y[:-1]
-            if mixup is not None:
-                imgs, y = mixup(imgs, y)  # y: (N, K) soft targets
-            with autocast(device, dtype):
-                loss = criterion(train_model(imgs), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if f.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
-            optimizer.step()
-            loss_sum += loss.detach()
-            n_batches += 1
-            n_images += len(y)
-            step += 1
+        last = None
+        with Prefetcher(train_loader, to_batch, device, prefetch_depth(cfg, device)) as batches:
+            bar = tqdm(batches, total=steps_per_epoch, desc=f"finetune {epoch + 1}/{f.epochs}", leave=False,
+                       disable=not (progress and rank == 0))
+            for it, (imgs, y) in enumerate(bar):
+                lr = cosine_lr(step, total, warmup, lr_peak, f.min_lr)
+                set_lr(optimizer, lr)  # each group's lr_scale carries its layer decay
+                y = y.to(device, non_blocking=True)  # imgs are on the device already
+                if len(y) % 2:  # a skipped (unreadable) image left an odd batch; mixup pairs images
+                    imgs, y = imgs[:-1], y[:-1]
+                if len(y) == 0:  # nothing readable left: train on the previous batch (DDP ranks step together)
+                    imgs, y = stand_in(last, epoch, it)
+                last = imgs, y
+                if mixup is not None:
+                    imgs, y = mixup(imgs, y)  # y: (N, K) soft targets
+                with autocast(device, dtype):
+                    loss = criterion(train_model(imgs), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if f.clip_grad is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
+                optimizer.step()
+                loss_sum += loss.detach()
+                n_batches += 1
+                n_images += len(y)
+                step += 1
         epoch_time = time.perf_counter() - t_epoch
         train_time += epoch_time
         train_loss = loss_sum.item() / max(1, n_batches)  # one host sync per epoch

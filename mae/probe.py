@@ -35,9 +35,23 @@ from mae.optim import cosine_lr, set_lr
 log = logging.getLogger(__name__)
 
 
-def num_classes(dataset: Dataset) -> int:
-    base = getattr(dataset, "dataset", dataset)  # through a Subset
-    return len(getattr(base, "classes", range(10)))
+def num_classes(train: Dataset, test: Dataset) -> int:
+    """The training split's class count (10 for data with no class names: synthetic).
+
+    Labels are indices into each split's class list, so both splits must name the same
+    classes in the same order: an ImageFolder whose val/ lacks a class folder, or a
+    pre-decoded store made from another tree, would shift every label after it. Raises
+    ValueError naming the difference.
+    """
+    names = [list(getattr(getattr(d, "dataset", d), "classes", None) or []) for d in (train, test)]  # through a Subset
+    if all(names) and names[0] != names[1]:
+        only_train = sorted(set(names[0]) - set(names[1]))[:5]
+        only_test = sorted(set(names[1]) - set(names[0]))[:5]
+        raise ValueError(
+            f"the training split has {len(names[0])} classes and the test split {len(names[1])}, not the same "
+            f"ones in the same order (only in training: {only_train}; only in test: {only_test}); labels are "
+            "class indices, so give both splits the same class folders (and a pre-decoded store the same tree)")
+    return len(names[0]) or 10
 
 
 @torch.no_grad()
@@ -92,12 +106,13 @@ def quick_probe(
     p = cfg.probe
     train = build_dataset(cfg, "train", augment=False, subset=p.quick_train_size)
     test = build_dataset(cfg, "test", augment=False, subset=p.quick_test_size)
+    classes = num_classes(train, test)
     dtype = autocast_dtype(cfg, device)
     x_train, y_train = extract_features(model, train, device, p.pool, dtype=dtype)
     x_test, y_test = extract_features(model, test, device, p.pool, dtype=dtype)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    head = fit_logistic(x_train, y_train, num_classes(train), p.quick_epochs, p.quick_lr, p.quick_weight_decay)
+    head = fit_logistic(x_train, y_train, classes, p.quick_epochs, p.quick_lr, p.quick_weight_decay)
     with torch.no_grad():
         train_top1 = (head(x_train).argmax(1) == y_train).float().mean().item()
         top1 = (head(x_test).argmax(1) == y_test).float().mean().item()
@@ -203,6 +218,7 @@ def linear_probe(
         train = build_dataset(cfg, "train", augment=False, subset=p.train_subset)
         collate_fn, to_batch = collate_skip_none, ToDevice(device)
     test = build_dataset(cfg, "test", augment=False, subset=p.test_subset)
+    classes = num_classes(train, test)
     if len(train) < p.batch_size:
         raise ValueError(f"probe.batch_size {p.batch_size} exceeds the {len(train)} training images")
     train_loader = DataLoader(train, batch_size=p.batch_size, shuffle=True, drop_last=True,
@@ -210,7 +226,7 @@ def linear_probe(
                               pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     test_loader = DataLoader(test, batch_size=512, collate_fn=collate_skip_none)
     dim = model.cls_token.shape[-1]
-    head = LinearProbeHead(dim, num_classes(train)).to(device)
+    head = LinearProbeHead(dim, classes).to(device)
     peak_lr = p.base_lr * p.batch_size / 256
     optimizer = probe_optimizer(head, p.optimizer, peak_lr, p.weight_decay)
     steps_per_epoch = len(train_loader)

@@ -23,6 +23,7 @@ from tests.conftest import REPO
     ("probe.quick_test_size=0", "probe.quick_test_size"),
     ("probe.train_subset=-5", "probe.train_subset"),
     ("probe.crop_scale_min=0", "probe.crop_scale_min"),
+    ("finetune.crop_scale_min=1.5", "finetune.crop_scale_min"),
     ("data.prefetch=-1", "data.prefetch"),
     ("train.compile=true train.compile_mode=reduce-overhead train.accum_iter=2", "train.compile_mode"),
     ("train.compile=true train.compile_mode=max-autotune train.accum_iter=2", "train.compile_mode"),

@@ -22,7 +22,8 @@ from mae.data import CorruptDatasetError, DatasetNotFoundError, decode_pil, norm
 from mae.device_input import DeviceAugment, UnpackAndAugment, build_pretrain_input, build_train_input
 from mae.models import build_mae
 from mae.predecoded import PackedBatch, PredecodedImages, collate_packed, write_store
-from mae.probe import linear_probe
+from mae.finetune import finetune
+from mae.probe import linear_probe, quick_probe
 from tests.test_device_input import folder_cfg, make_folder
 
 # make_folder's files in ImageFolder order: (class, name, (H, W)); None: unreadable
@@ -188,19 +189,64 @@ def test_linear_probe_trains_on_the_store_with_the_probes_crop_scale(tmp_path, s
     assert len(dataset) == 3 and [c.scale for c in crops] == [(0.5, 1.0)]
 
 
-@pytest.mark.parametrize("pipeline", ["cpu", "device"])
-def test_linear_probe_skips_batches_unreadable_images_leave_too_small_for_batchnorm(tmp_path, pipeline):
+@pytest.fixture
+def mostly_unreadable(tmp_path):
+    """make_folder's class b alone: one readable JPEG, two unreadable, so no batch of 2 has two images."""
     src = tmp_path / "src"
     src.mkdir()
     make_folder(src)
-    only_b = tmp_path / "b_only"
-    only_b.mkdir()
-    (src / "b").rename(only_b / "b")  # one readable JPEG, two unreadable: no batch of 2 has two images
-    cfg = folder_cfg(only_b, pipeline, "probe.batch_size=2", "probe.epochs=1", "probe.optimizer=sgd",
+    (tmp_path / "b_only").mkdir()
+    (src / "b").rename(tmp_path / "b_only" / "b")
+    return tmp_path / "b_only"
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_linear_probe_skips_batches_unreadable_images_leave_too_small_for_batchnorm(mostly_unreadable, pipeline):
+    cfg = folder_cfg(mostly_unreadable, pipeline, "probe.batch_size=2", "probe.epochs=1", "probe.optimizer=sgd",
                      "probe.warmup_epochs=0")
     result = linear_probe(build_mae("mae_vit_micro_patch4", img_size=32, in_chans=3), cfg, device="cpu",
                           progress=False)
     assert result.test_images == 3 and result.top1 == 1.0  # one class: the one readable test image is right
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_finetuning_with_no_pair_of_readable_images_says_the_data_is_damaged(mostly_unreadable, pipeline):
+    cfg = folder_cfg(mostly_unreadable, pipeline, "finetune.batch_size=2", "finetune.epochs=1")
+    weights = build_mae("mae_vit_micro_patch4", img_size=32, in_chans=3).state_dict()
+    with pytest.raises(ValueError, match="no image of the first batch of epoch 1 could be read"):
+        finetune(cfg, weights, device="cpu", progress=False)
+
+
+def test_finetuning_trains_on_the_store_with_its_crop_scale(store, monkeypatch):
+    src, out = store
+    cfg = folder_cfg(src, "predecoded", f"data.predecoded_dir={out}", "finetune.batch_size=2", "finetune.epochs=1",
+                     "finetune.warmup_epochs=0", "finetune.crop_scale_min=0.5")
+    scales = []
+    augment = DeviceAugment.__call__
+    monkeypatch.setattr(DeviceAugment, "__call__", lambda self, images: scales.append(self.scale) or augment(self, images))
+    weights = build_mae("mae_vit_micro_patch4", img_size=32, in_chans=3).state_dict()
+    result = finetune(cfg, weights, device="cpu", progress=False)
+    assert scales == [(0.5, 1.0)] * 2  # the store's 5 images in batches of 2, the last one dropped
+    assert result.test_images == 7 and math.isfinite(result.epochs[0]["train_loss"])
+
+
+def test_splits_or_a_store_naming_other_classes_are_refused(tmp_path, store):
+    src, out = store
+    tree = tmp_path / "tree"  # train/ holds a and b, val/ only a: b's labels would mean nothing
+    (tree / "val").mkdir(parents=True)
+    src.rename(tree / "train")
+    (tree / "train" / "a").rename(tree / "val" / "a")
+    (tree / "train" / "a").mkdir()
+    (tree / "val" / "a" / "0.jpg").rename(tree / "train" / "a" / "0.jpg")
+    model = build_mae("mae_vit_micro_patch4", img_size=32, in_chans=3)
+    with pytest.raises(ValueError, match=r"only in training: \['b'\]; only in test: \[\]"):
+        quick_probe(model, folder_cfg(tree, "cpu"), device="cpu")
+    other = tmp_path / "other" / "x"  # a store made from another tree than the one the test split reads
+    other.mkdir(parents=True)
+    (tree / "train" / "a" / "0.jpg").rename(other / "0.jpg")
+    cfg = folder_cfg(other.parent, "predecoded", f"data.predecoded_dir={out}", "probe.batch_size=2")
+    with pytest.raises(ValueError, match=r"only in training: \['a', 'b'\]; only in test: \['x'\]"):
+        linear_probe(model, cfg, device="cpu", progress=False)
 
 
 def test_config_names_what_the_predecoded_pipeline_needs():
