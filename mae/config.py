@@ -112,8 +112,8 @@ class ProbeConfig:
 class FinetuneConfig:
     """End-to-end fine-tuning, the paper's recipe (He et al. 2021, Appendix A.3, Table 9).
 
-    Defaults are the paper's ViT-B/L values except the batch (1024 there) and RandAugment /
-    random erasing, which are not applied (timm's Mixup/CutMix and label smoothing are).
+    Defaults are the paper's ViT-B/L values except the batch (1024 there): RandAugment
+    (9, 0.5), random erasing 0.25, mixup 0.8, cutmix 1.0, label smoothing 0.1, drop path 0.1.
     """
 
     epochs: int = 100  # the paper: 100 for ViT-B, 50 for ViT-L/H
@@ -136,6 +136,10 @@ class FinetuneConfig:
     # the crops' smallest area fraction: 0.08, timm's create_transform default, which the
     # reference fine-tuning keeps (facebookresearch/mae util/datasets.py)
     crop_scale_min: float = 0.08
+    # timm RandAugment spec, the paper's (9, 0.5) as the reference writes it; null: off. PIL ops,
+    # so the training images are augmented in CPU workers when it is on, whatever data.pipeline says
+    randaug: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25  # random erasing: chance per image of one erased rectangle (normal noise); 0: off
     train_subset: int | None = None  # first K training images, for quick runs
     test_subset: int | None = None  # first K test images; None: the whole test split
 
@@ -409,6 +413,10 @@ def validate(cfg: ExperimentConfig) -> None:
     require(f.train_subset is None or f.train_subset > 0, "finetune.train_subset", "must be positive")
     require(0.0 < f.crop_scale_min <= 1.0, "finetune.crop_scale_min", f"must be in (0, 1], got {f.crop_scale_min}")
     require(f.test_subset is None or f.test_subset > 0, "finetune.test_subset", "must be positive")
+    require(f.randaug is None or _is_randaug_spec(f.randaug), "finetune.randaug",
+            f"must be a timm RandAugment spec such as 'rand-m9-mstd0.5-inc1' (the paper's), or null for none; "
+            f"got {f.randaug!r}")
+    require(0.0 <= f.reprob <= 1.0, "finetune.reprob", f"must be in [0, 1] (0 turns random erasing off), got {f.reprob}")
     require(cfg.sweep.search in ("grid", "optuna"), "sweep.search", "must be 'grid' or 'optuna'")
     require(cfg.sweep.mode in ("max", "min"), "sweep.mode", "must be 'max' or 'min'")
     require(cfg.sweep.scheduler in ("none", "asha"), "sweep.scheduler", "must be 'none' or 'asha'")
@@ -421,6 +429,19 @@ PIPELINES = ("cpu", "device", "predecoded")  # where images are decoded and augm
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes torch.compile replays as CUDA graphs
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _is_randaug_spec(spec: object) -> bool:
+    """Whether timm can build a RandAugment from `spec` (it asserts on a malformed one)."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    if not isinstance(spec, str) or not spec.startswith("rand"):
+        return False
+    try:
+        rand_augment_transform(spec, {})
+    except (AssertionError, ValueError, KeyError, IndexError):
+        return False
+    return True
 
 
 def uses_cuda_graphs(train: TrainConfig) -> bool:

@@ -48,7 +48,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from mae.config import ExperimentConfig, resolved_model_args
 from mae.data import (
     PIL_ERRORS, FashionMNIST, ImageFolder, build_dataset, collate_skip_none, decode_pil,
-    fashion_mnist_root, imagefolder_root, normalization,
+    fashion_mnist_root, imagefolder_root, normalization, pretrain_transform,
 )
 from mae.predecoded import PackedBatch, PredecodedImages, collate_packed
 
@@ -544,6 +544,21 @@ def prefetch_depth(cfg: ExperimentConfig, device: torch.device | str) -> int:
     return 2 if torch.device(device).type == "cuda" else 0
 
 
+class Transformed(torch.utils.data.Dataset):
+    """(transform(image), label) for each (image, label) of `base`, in the DataLoader workers."""
+
+    def __init__(self, base: torch.utils.data.Dataset, transform: Callable):
+        self.base, self.transform = base, transform
+        self.classes = getattr(base, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img, label = self.base[i]
+        return self.transform(img), label
+
+
 def build_pretrain_input(
     cfg: ExperimentConfig, device: torch.device | str, seed: int | None = None,
 ) -> tuple[torch.utils.data.Dataset, Callable, Callable]:
@@ -562,19 +577,32 @@ def build_pretrain_input(
 
 def build_train_input(
     cfg: ExperimentConfig, device: torch.device | str, subset: int | None, scale_min: float,
-    seed: int | None = None,
+    seed: int | None = None, randaug: str | None = None,
 ) -> tuple[torch.utils.data.Dataset, Callable, Callable]:
     """`build_pretrain_input` for any job that trains on the augmented training split:
     the first `subset` images (None: all), crops of at least `scale_min` of the area.
-    The full linear probe reads its training images through it too.
+    The full linear probe and fine-tuning read their training images through it too.
+
+    randaug: a timm RandAugment spec (fine-tuning's). Its ops are PIL's, so with it the
+    images are augmented in the DataLoader workers whatever data.pipeline says: read from
+    the dataset itself, or for `predecoded` from the store (still no JPEG decoding).
     """
     device = torch.device(device)
     d = cfg.data
-    if d.pipeline == "cpu" or d.dataset == "synthetic":
-        dataset = build_dataset(cfg, "train", augment=True, subset=subset, scale_min=scale_min)
+    if d.pipeline == "cpu" or d.dataset == "synthetic" or (randaug is not None and d.pipeline == "device"):
+        if d.pipeline != "cpu" and d.dataset != "synthetic":
+            log.info("RandAugment (%s) runs in the CPU workers: data.pipeline 'device' is not used here", randaug)
+        dataset = build_dataset(cfg, "train", augment=True, subset=subset, scale_min=scale_min, randaug=randaug)
         return dataset, collate_skip_none, ToDevice(device)
     args = resolved_model_args(cfg)
     mean, std = normalization(cfg)
+    if randaug is not None:  # predecoded: the store's pixels, augmented in the workers
+        log.info("RandAugment (%s) runs in the CPU workers, on the store's pixels", randaug)
+        store = PredecodedImages(Path(d.predecoded_dir).expanduser(), in_chans=args["in_chans"])
+        dataset = Transformed(store, pretrain_transform(args["img_size"], mean, std, scale_min, d.hflip, randaug))
+        if subset is not None:
+            dataset = Subset(dataset, range(min(subset, len(dataset))))
+        return dataset, default_collate, ToDevice(device)
     augment = DeviceAugment(args["img_size"], mean, std, scale=(scale_min, 1.0), hflip=d.hflip,
                             device=device, seed=cfg.train.seed if seed is None else seed)
     if d.dataset == "fashion_mnist":

@@ -8,11 +8,14 @@ pretrained final `norm` is not used then), a linear head initialised near zero
 (std 2e-5), position embeddings that start from the pretrained (sin-cos) ones and are
 trained, and the recipe of the paper's Table 9: AdamW, layer-wise lr decay (timm's
 `param_groups_layer_decay`), cosine schedule with warm-up, drop path, label smoothing,
-mixup/cutmix (timm's `Mixup` with `SoftTargetCrossEntropy`). RandAugment and random
-erasing are not applied: the training images get RandomResizedCrop (smallest area
-`finetune.crop_scale_min`, the reference's 0.08) and a flip, read through `data.pipeline`
-as pretraining's are (CPU workers, GPU decode or a pre-decoded store). Top-1 is measured
-on the test split after every epoch.
+mixup/cutmix (timm's `Mixup` with `SoftTargetCrossEntropy`), RandAugment and random
+erasing. The training images get RandomResizedCrop (smallest area `finetune.crop_scale_min`,
+the reference's 0.08), a flip and timm's RandAugment (`finetune.randaug`) in the CPU
+DataLoader workers, as in the reference; with `finetune.randaug: null` they are read through
+`data.pipeline` as pretraining's are (CPU workers, GPU decode or a pre-decoded store).
+Random erasing (timm's `RandomErasing`, `finetune.reprob`) is applied to each batch on the
+device, before mixup: per image the same draw as the reference's per-image transform.
+Top-1 is measured on the test split after every epoch.
 
 `finetune(cfg, weights)` starts from pretrained weights (a model, a state dict or a
 checkpoint path of ours or another tool's: see `mae.pretrained`);
@@ -34,6 +37,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
@@ -181,9 +185,10 @@ def finetune(
     device = torch.device(device) if device is not None else select_device(cfg.train.device)
     seed_everything(cfg.train.seed + rank)
 
-    # crops and flips where data.pipeline says (CPU workers, or the device), each rank its own draws
+    # crops and flips where data.pipeline says (CPU workers, or the device), each rank its own
+    # draws; RandAugment, when on, in the CPU workers
     train, collate_fn, to_batch = build_train_input(cfg, device, f.train_subset, f.crop_scale_min,
-                                                    seed=cfg.train.seed + rank)
+                                                    seed=cfg.train.seed + rank, randaug=f.randaug)
     test = build_dataset(cfg, "test", augment=False, subset=f.test_subset)
     classes = num_classes(train, test)
     if len(train) // world_size < f.batch_size:
@@ -209,6 +214,8 @@ def finetune(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # the reference's settings: pixel-wise normal noise, one rectangle, on normalised images
+    erase = RandomErasing(f.reprob, mode="pixel", max_count=1, device=str(device)) if f.reprob > 0 else None
     mixup = None
     if (f.mixup > 0 or f.cutmix > 0) and f.mixup_prob > 0:
         mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob,
@@ -244,6 +251,8 @@ def finetune(
                 if len(y) == 0:  # nothing readable left: train on the previous batch (DDP ranks step together)
                     imgs, y = stand_in(last, epoch, it)
                 last = imgs, y
+                if erase is not None:
+                    imgs = erase(imgs.clone())  # in place, per image; `last` keeps the unerased batch
                 if mixup is not None:
                     imgs, y = mixup(imgs, y)  # y: (N, K) soft targets
                 with autocast(device, dtype):

@@ -24,6 +24,10 @@ from tests.conftest import REPO
     ("probe.train_subset=-5", "probe.train_subset"),
     ("probe.crop_scale_min=0", "probe.crop_scale_min"),
     ("finetune.crop_scale_min=1.5", "finetune.crop_scale_min"),
+    ("finetune.randaug=augmix-m5", "finetune.randaug"),  # not RandAugment
+    ("finetune.randaug=rand-x9", "finetune.randaug"),  # timm asserts on an unknown section
+    ("finetune.randaug=9", "finetune.randaug"),
+    ("finetune.reprob=1.5", "finetune.reprob"),
     ("data.prefetch=-1", "data.prefetch"),
     ("train.compile=true train.compile_mode=reduce-overhead train.accum_iter=2", "train.compile_mode"),
     ("train.compile=true train.compile_mode=max-autotune train.accum_iter=2", "train.compile_mode"),

@@ -7,12 +7,19 @@ mae.interop.to_hf_state_dict, in both HF layouts.
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from timm.data.random_erasing import RandomErasing
+
+import mae.finetune
 
 from mae.checkpoint import CheckpointError
 from mae.config import ConfigError, load_config
-from mae.engine import build_model
+from mae.data import rand_augment
+from mae.device_input import build_train_input
+from mae.engine import build_model, seed_everything
 from mae.finetune import build_classifier, eval_shard, finetune, load_pretrained, optimizer_for, peak_lr
 from mae.interop import to_hf_state_dict
 from mae.models import build_mae
@@ -182,6 +189,77 @@ def test_finetune_from_scratch_and_argument_errors(fashion_mnist_dir, pretrained
     model = build_model(cfg)
     with pytest.raises(ValueError, match="finetune.batch_size"):
         finetune(load_config(SMOKE, [*TINY_FINETUNE, "finetune.train_subset=16"]), model, progress=False)
+
+
+def _training_images(cfg, seed: int = 0) -> torch.Tensor:
+    dataset, _, _ = build_train_input(cfg, "cpu", subset=16, scale_min=cfg.finetune.crop_scale_min,
+                                      randaug=cfg.finetune.randaug)
+    seed_everything(seed)  # torch for the crops, Python's random for timm's RandAugment
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def test_randaugment_is_in_the_finetuning_crops_only_when_configured(fashion_mnist_dir):
+    off = _cfg("finetune.randaug=null")
+    torch.testing.assert_close(_training_images(off), _training_images(off), rtol=0, atol=0)  # draws are seeded
+    on = _cfg("data.pipeline=device")  # the default spec; PIL ops, so CPU workers whatever the pipeline
+    dataset, _, to_batch = build_train_input(on, "cpu", subset=16, scale_min=0.08, randaug=on.finetune.randaug)
+    assert [type(t).__name__ for t in dataset.transform.transforms].count("RandAugment") == 1
+    assert type(to_batch).__name__ == "ToDevice"
+    with_ra, without = _training_images(on), _training_images(_cfg("data.pipeline=device", "finetune.randaug=null"))
+    assert with_ra.shape == without.shape == (16, 1, 28, 28)
+    changed = (with_ra - _training_images(off)).flatten(1).abs().amax(1) > 1e-6
+    assert changed.sum() >= 8  # timm applies each of the 2 ops with probability 0.5: about 3 crops in 4 change
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_randaugments_strongest_posterize_blackens_the_image_instead_of_raising(mode):
+    transform = rand_augment("rand-m9-mstd0.5-inc1", 28, (0.5,) * len(mode))
+    (op,) = [op for op in transform.ops if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # magnitude 10: keep 0 bits (Pillow 13 raises)
+    img = Image.fromarray(np.random.default_rng(0).integers(1, 256, (28, 28, len(mode)), np.uint8).squeeze(-1)
+                          if mode == "L" else np.random.default_rng(0).integers(1, 256, (28, 28, 3), np.uint8))
+    out = op(img)
+    assert out.mode == mode and out.size == img.size and np.asarray(out).max() == 0
+    op.magnitude = 5  # keeps 2 bits: Pillow's own posterize
+    assert np.array_equal(np.asarray(op(img)), np.asarray(img) & 0b11000000)
+
+
+class _RecordingErasing(RandomErasing):
+    calls: list = []
+
+    def __call__(self, imgs):
+        before = imgs.clone()
+        after = super().__call__(imgs)
+        self.calls.append((self.probability, before, after.clone()))
+        return after
+
+
+@pytest.mark.parametrize("reprob", [0.0, 1.0])
+def test_random_erasing_erases_one_box_per_image_of_every_batch_before_the_model(reprob, monkeypatch):
+    monkeypatch.setattr(mae.finetune, "RandomErasing", _RecordingErasing)
+    _RecordingErasing.calls = []
+    seen = []
+    cfg = load_config(SMOKE, ["data.dataset=synthetic", "data.synthetic_size=64", *TINY_FINETUNE,
+                              "finetune.train_subset=64", "finetune.batch_size=16", "finetune.test_subset=16",
+                              "finetune.mixup=0", "finetune.cutmix=0", f"finetune.reprob={reprob}"])
+    model = build_classifier(cfg, 10)
+    monkeypatch.setattr(mae.finetune, "build_classifier", lambda c, k: model)
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
+    finetune(cfg, from_scratch=True, device="cpu", progress=False)
+    if reprob == 0:
+        assert _RecordingErasing.calls == []  # off: not even constructed
+        return
+    assert len(_RecordingErasing.calls) == len(seen) == 4  # every training batch, then the model sees it
+    for (probability, before, after), given in zip(_RecordingErasing.calls, seen):
+        assert probability == 1.0
+        torch.testing.assert_close(given, after, rtol=0, atol=0)
+        changed = (before != after).any(1)  # (N, H, W): the erased pixels of each image
+        for box in changed:
+            rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+            assert len(rows) and len(cols)  # every image got its box (probability 1)
+            r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+            assert box[r0:r1, c0:c1].float().mean() > 0.9  # one rectangle of noise, nothing outside it
+            assert (r1 - r0) * (c1 - c0) <= box.numel() / 3 + 1  # timm's area range: up to a third
 
 
 def _ddp_finetune(rank: int, world_size: int, init_file: str, out: str) -> None:

@@ -10,6 +10,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from timm.data.auto_augment import RandAugment
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -209,9 +210,10 @@ def test_linear_probe_skips_batches_unreadable_images_leave_too_small_for_batchn
     assert result.test_images == 3 and result.top1 == 1.0  # one class: the one readable test image is right
 
 
-@pytest.mark.parametrize("pipeline", ["cpu", "device"])
-def test_finetuning_with_no_pair_of_readable_images_says_the_data_is_damaged(mostly_unreadable, pipeline):
-    cfg = folder_cfg(mostly_unreadable, pipeline, "finetune.batch_size=2", "finetune.epochs=1")
+@pytest.mark.parametrize("pipeline,randaug", [("cpu", "rand-m9-mstd0.5-inc1"), ("device", "null")])
+def test_finetuning_with_no_pair_of_readable_images_says_the_data_is_damaged(mostly_unreadable, pipeline, randaug):
+    cfg = folder_cfg(mostly_unreadable, pipeline, "finetune.batch_size=2", "finetune.epochs=1",
+                     f"finetune.randaug={randaug}")
     weights = build_mae("mae_vit_micro_patch4", img_size=32, in_chans=3).state_dict()
     with pytest.raises(ValueError, match="no image of the first batch of epoch 1 could be read"):
         finetune(cfg, weights, device="cpu", progress=False)
@@ -219,15 +221,26 @@ def test_finetuning_with_no_pair_of_readable_images_says_the_data_is_damaged(mos
 
 def test_finetuning_trains_on_the_store_with_its_crop_scale(store, monkeypatch):
     src, out = store
-    cfg = folder_cfg(src, "predecoded", f"data.predecoded_dir={out}", "finetune.batch_size=2", "finetune.epochs=1",
-                     "finetune.warmup_epochs=0", "finetune.crop_scale_min=0.5")
-    scales = []
-    augment = DeviceAugment.__call__
+    finetuning = [f"data.predecoded_dir={out}", "finetune.batch_size=2", "finetune.epochs=1",
+                  "finetune.warmup_epochs=0", "finetune.crop_scale_min=0.5"]
+    scales, randaugs = [], []
+    augment, randaug = DeviceAugment.__call__, RandAugment.__call__
     monkeypatch.setattr(DeviceAugment, "__call__", lambda self, images: scales.append(self.scale) or augment(self, images))
+    monkeypatch.setattr(RandAugment, "__call__", lambda self, img: randaugs.append(img.size) or randaug(self, img))
     weights = build_mae("mae_vit_micro_patch4", img_size=32, in_chans=3).state_dict()
-    result = finetune(cfg, weights, device="cpu", progress=False)
-    assert scales == [(0.5, 1.0)] * 2  # the store's 5 images in batches of 2, the last one dropped
+    result = finetune(folder_cfg(src, "predecoded", *finetuning, "finetune.randaug=null"), weights, device="cpu",
+                      progress=False)
+    assert scales == [(0.5, 1.0)] * 2 and randaugs == []  # the store's 5 images in batches of 2, the last dropped
     assert result.test_images == 7 and math.isfinite(result.epochs[0]["train_loss"])
+    # RandAugment (on by default) is PIL's: the store's pixels are cropped and augmented in the workers
+    scales.clear()
+    result = finetune(folder_cfg(src, "predecoded", *finetuning), weights, device="cpu", progress=False)
+    assert scales == [] and randaugs == [(32, 32)] * 4  # after the crop; 4 images read, as above
+    assert math.isfinite(result.epochs[0]["train_loss"])
+    dataset = build_train_input(folder_cfg(src, "predecoded", *finetuning), "cpu", subset=None, scale_min=0.5,
+                                randaug="rand-m9-mstd0.5-inc1")[0]
+    crops = [t for t in dataset.transform.transforms if isinstance(t, v2.RandomResizedCrop)]
+    assert [c.scale for c in crops] == [(0.5, 1.0)] and len(dataset) == 5
 
 
 def test_splits_or_a_store_naming_other_classes_are_refused(tmp_path, store):
