@@ -13,6 +13,9 @@ noise) and measures, for each `data.pipeline` of `mae.device_input.build_pretrai
   decoding overlaps the training step. predecoded(+prefetch): the JPEGs converted once
   (mae.predecoded, shorter side --short-side; the conversion's time is printed and
   saved), the workers read raw pixels from its memory map, the device augments.
+  cpu+randaug: fine-tuning's CPU input (crop of scale finetune.crop_scale_min, flip and
+  timm's RandAugment finetune.randaug in the workers, `mae.device_input.build_train_input`);
+  its end-to-end column still feeds the pretraining step, so read its input column.
 - end to end: the engine's training step (`mae.engine.TrainStep`: forward, backward,
   fused AdamW; bf16 autocast on CUDA; --compile as train.compile) fed by the pipeline, against the same step on a batch already on the device (synthetic),
   measured just before each pipeline's run (its workers not yet started), so the ratio
@@ -52,7 +55,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, RandomSampler
 
 from mae.config import COMPILE_MODES, absolute_lr, load_config, resolved_model_args
-from mae.device_input import Prefetcher, build_pretrain_input
+from mae.device_input import Prefetcher, build_pretrain_input, build_train_input
 from mae.predecoded import PredecodedImages, write_store
 from mae.engine import (
     TrainStep, autocast_dtype, build_model, build_optimizer, device_name, select_device, synchronize,
@@ -62,6 +65,7 @@ from mae.models import model_names
 ARMS = {  # name: (data.pipeline, prefetch)
     "cpu": ("cpu", False), "device": ("device", False), "device+prefetch": ("device", True),
     "predecoded": ("predecoded", False), "predecoded+prefetch": ("predecoded", True),
+    "cpu+randaug": ("cpu", False),
 }
 
 
@@ -236,7 +240,11 @@ def main(argv: list[str] | None = None) -> dict:
             cfg, depth = cfgs[name], args.prefetch if ARMS[name][1] else 0
             # first, while no worker of this arm competes for the host's cores
             arm = {"synthetic": timed(synthetic_step, args.steps, args.warmup, device)}
-            dataset, collate_fn, to_batch = build_pretrain_input(cfg, device, seed=args.seed)
+            if name == "cpu+randaug":  # fine-tuning's training input
+                dataset, collate_fn, to_batch = build_train_input(
+                    cfg, device, None, cfg.finetune.crop_scale_min, seed=args.seed, randaug=cfg.finetune.randaug)
+            else:
+                dataset, collate_fn, to_batch = build_pretrain_input(cfg, device, seed=args.seed)
             total = warmup_batches + args.input_batches + args.warmup + args.steps
             batches = endless_batches(dataset, collate_fn, N, args.workers, device, total, args.seed)
             prepared = Prefetcher(batches, to_batch, device, depth)
