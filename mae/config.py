@@ -74,7 +74,7 @@ class TrainConfig:
     accum_iter: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    compile: bool = False  # torch.compile the forward pass (and so its backward)
+    compile: bool = False  # torch.compile pretraining's and fine-tuning's forward pass and loss (and so their backward)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     # auto (bf16 autocast on CUDA, float32 elsewhere) | bf16 | fp32; also the probes' and fine-tuning's forwards
     precision: str = "auto"

@@ -15,7 +15,8 @@ DataLoader workers, as in the reference; with `finetune.randaug: null` they are 
 `data.pipeline` as pretraining's are (CPU workers, GPU decode or a pre-decoded store).
 Random erasing (timm's `RandomErasing`, `finetune.reprob`) is applied to each batch on the
 device, before mixup: per image the same draw as the reference's per-image transform.
-Top-1 is measured on the test split after every epoch.
+Top-1 is measured on the test split after every epoch. As in pretraining, AdamW is fused,
+`train.compile` compiles the forward pass and loss, and `train.precision` sets the autocast.
 
 `finetune(cfg, weights)` starts from pretrained weights (a model, a state dict or a
 checkpoint path of ours or another tool's: see `mae.pretrained`);
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from mae.checkpoint import CheckpointError
-from mae.config import ExperimentConfig, resolved_model_args
+from mae.config import ExperimentConfig, resolved_model_args, uses_cuda_graphs
 from mae.data import build_dataset, collate_skip_none
 from mae.device_input import Prefetcher, build_train_input, prefetch_depth
 from mae.engine import autocast, autocast_dtype, seed_everything, select_device, stand_in
@@ -110,11 +111,16 @@ def load_pretrained(model: VisionTransformer, weights: Weights) -> VisionTransfo
 
 
 def optimizer_for(model: VisionTransformer, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW over layer-wise lr-decayed groups: block i gets lr * layer_decay ** (depth - i)."""
+    """AdamW over layer-wise lr-decayed groups: block i gets lr * layer_decay ** (depth - i).
+
+    Fused (one kernel per group rather than a loop over tensors) where torch has it, as
+    pretraining's optimizer is.
+    """
     f = cfg.finetune
     groups = param_groups_layer_decay(model, weight_decay=f.weight_decay,
                                       no_weight_decay_list=model.no_weight_decay(), layer_decay=f.layer_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=(f.beta1, f.beta2))
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=(f.beta1, f.beta2), **({"fused": True} if fused else {}))
 
 
 def peak_lr(cfg: ExperimentConfig, world_size: int = 1) -> float:
@@ -228,6 +234,16 @@ def finetune(
         criterion = nn.CrossEntropyLoss()
     dtype = autocast_dtype(cfg, device)
 
+    def loss_of(imgs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(device, dtype):
+            return criterion(train_model(imgs), y)
+
+    # train.compile: forward and loss as one graph (AOTAutograd compiles the backward), as in
+    # pretraining; evaluation stays eager (its last batch has another shape)
+    if cfg.train.compile:
+        loss_of = torch.compile(loss_of, mode=cfg.train.compile_mode)
+    cudagraphs = uses_cuda_graphs(cfg.train) and device.type == "cuda"
+
     steps_per_epoch = len(train_loader)
     total, warmup = f.epochs * steps_per_epoch, int(round(f.warmup_epochs * steps_per_epoch))
     result = FinetuneResult(top1=0.0, best_top1=0.0, init="scratch" if from_scratch else "pretrained",
@@ -255,8 +271,9 @@ def finetune(
                     imgs = erase(imgs.clone())  # in place, per image; `last` keeps the unerased batch
                 if mixup is not None:
                     imgs, y = mixup(imgs, y)  # y: (N, K) soft targets
-                with autocast(device, dtype):
-                    loss = criterion(train_model(imgs), y)
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                loss = loss_of(imgs, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if f.clip_grad is not None:
