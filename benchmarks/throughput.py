@@ -84,6 +84,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def time_in_turns(steps: dict[str, Callable[[], object]], warmup: int, n: int, device: torch.device,
+                  label: str) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float | None]]:
+    """Warm each step up (compiling it), then time n rounds in which the steps take turns,
+    the order rotating, so a shared machine's drift falls on all alike.
+
+    Returns seconds per call of each step, its warm-up seconds and its peak memory in GiB
+    over the warm-up (CUDA; None elsewhere). finetune_step.py uses it too.
+    """
+    peak_mem, warmup_s = {}, {}
+    for name, step in steps.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        synchronize(device)
+        warmup_s[name] = time.perf_counter() - start
+        peak_mem[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        print(f"  {label} {name}: warm-up {warmup_s[name]:.1f} s", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for _ in range(n):
+        for name in order:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+        order = order[1:] + order[:1]
+    return times, warmup_s, peak_mem
+
+
 def matmul_ceiling(device: torch.device) -> dict:
     """FLOP/s of a large square matrix product: bf16 on CUDA, float32 on CPU."""
     n, dtype, reps = (8192, torch.bfloat16, 50) if device.type == "cuda" else (1024, torch.float32, 10)
@@ -243,29 +275,8 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
     flops = flops_per_image(build_mae(model_name, img_size=img_size, in_chans=in_chans,
                                       norm_pix_loss=norm_pix).to(device), imgs[:2], noise[:2], args.mask_ratio)
 
-    peak_mem, warmup_s = {}, {}
-    for name, step in steps.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        for _ in range(args.warmup):
-            step(imgs, noise)
-        synchronize(device)
-        warmup_s[name] = time.perf_counter() - start
-        peak_mem[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        print(f"  {model_name} {name}: warm-up {warmup_s[name]:.1f} s", flush=True)
-
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    for i in range(args.steps):
-        for name in order:
-            synchronize(device)
-            start = time.perf_counter()
-            steps[name](imgs, noise)
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-        order = order[1:] + order[:1]
-
+    times, warmup_s, peak_mem = time_in_turns({name: (lambda s=step: s(imgs, noise)) for name, step in steps.items()},
+                                              args.warmup, args.steps, device, model_name)
     results = {}
     for name, ts in times.items():
         median = statistics.median(ts)

@@ -16,7 +16,8 @@ DataLoader workers, as in the reference; with `finetune.randaug: null` they are 
 Random erasing (timm's `RandomErasing`, `finetune.reprob`) is applied to each batch on the
 device, before mixup: per image the same draw as the reference's per-image transform.
 Top-1 is measured on the test split after every epoch. As in pretraining, AdamW is fused,
-`train.compile` compiles the forward pass and loss, and `train.precision` sets the autocast.
+`train.compile` compiles the forward pass and loss, and `train.precision` sets the autocast;
+`FinetuneStep` is the per-batch hot path (benchmarks/finetune_step.py times it).
 
 `finetune(cfg, weights)` starts from pretrained weights (a model, a state dict or a
 checkpoint path of ours or another tool's: see `mae.pretrained`);
@@ -155,6 +156,61 @@ def eval_shard(n: int, rank: int, world_size: int) -> range:
     return range(rank, n, world_size)
 
 
+class FinetuneStep:
+    """Random erasing, mixup, forward, loss, backward and the AdamW update of one batch.
+
+    Fine-tuning's hot path, used by `finetune` and timed as is by
+    benchmarks/finetune_step.py. It never reads a value back to the host: the loss comes
+    back as a detached device tensor. With train.compile the forward pass and loss (under
+    autocast) are one compiled graph and AOTAutograd compiles the backward; evaluation
+    stays eager.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: ExperimentConfig,
+                 device: torch.device | str, classes: int):
+        """model: the classifier, or its DDP wrapper; classes: the head's outputs (mixup's targets)."""
+        f = cfg.finetune
+        device = torch.device(device)
+        self.optimizer, self.clip_grad = optimizer, f.clip_grad
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        # the reference's random erasing: pixel-wise normal noise, one box, on normalised images
+        self.erase = RandomErasing(f.reprob, mode="pixel", max_count=1, device=str(device)) if f.reprob > 0 else None
+        self.mixup = None
+        if (f.mixup > 0 or f.cutmix > 0) and f.mixup_prob > 0:
+            self.mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob,
+                               switch_prob=f.mixup_switch_prob, mode="batch", label_smoothing=f.label_smoothing,
+                               num_classes=classes)
+            criterion: nn.Module = SoftTargetCrossEntropy()  # mixup makes soft (already smoothed) targets
+        elif f.label_smoothing > 0:
+            criterion = LabelSmoothingCrossEntropy(smoothing=f.label_smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
+        dtype = autocast_dtype(cfg, device)
+
+        def loss_of(imgs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with autocast(device, dtype):
+                return criterion(model(imgs), y)
+
+        self.loss_of = torch.compile(loss_of, mode=cfg.train.compile_mode) if cfg.train.compile else loss_of
+        self.cudagraphs = uses_cuda_graphs(cfg.train) and device.type == "cuda"
+
+    def __call__(self, imgs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """imgs (N, C, H, W) and labels (N,) on the device, N even with mixup -> the loss (detached)."""
+        if self.erase is not None:
+            imgs = self.erase(imgs.clone())  # in place, per image: the caller's batch stays as it was
+        if self.mixup is not None:
+            imgs, y = self.mixup(imgs, y)  # y: (N, K) soft targets
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = self.loss_of(imgs, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad is not None:
+            nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self.optimizer.step()
+        return loss.detach()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
              dtype: torch.dtype | None = None) -> float:
@@ -220,29 +276,8 @@ def finetune(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # the reference's settings: pixel-wise normal noise, one rectangle, on normalised images
-    erase = RandomErasing(f.reprob, mode="pixel", max_count=1, device=str(device)) if f.reprob > 0 else None
-    mixup = None
-    if (f.mixup > 0 or f.cutmix > 0) and f.mixup_prob > 0:
-        mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob,
-                      switch_prob=f.mixup_switch_prob, mode="batch", label_smoothing=f.label_smoothing,
-                      num_classes=classes)
-        criterion: nn.Module = SoftTargetCrossEntropy()  # mixup makes soft (already smoothed) targets
-    elif f.label_smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=f.label_smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+    train_step = FinetuneStep(train_model, optimizer, cfg, device, classes)
     dtype = autocast_dtype(cfg, device)
-
-    def loss_of(imgs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(device, dtype):
-            return criterion(train_model(imgs), y)
-
-    # train.compile: forward and loss as one graph (AOTAutograd compiles the backward), as in
-    # pretraining; evaluation stays eager (its last batch has another shape)
-    if cfg.train.compile:
-        loss_of = torch.compile(loss_of, mode=cfg.train.compile_mode)
-    cudagraphs = uses_cuda_graphs(cfg.train) and device.type == "cuda"
 
     steps_per_epoch = len(train_loader)
     total, warmup = f.epochs * steps_per_epoch, int(round(f.warmup_epochs * steps_per_epoch))
@@ -267,19 +302,7 @@ def finetune(
                 if len(y) == 0:  # nothing readable left: train on the previous batch (DDP ranks step together)
                     imgs, y = stand_in(last, epoch, it)
                 last = imgs, y
-                if erase is not None:
-                    imgs = erase(imgs.clone())  # in place, per image; `last` keeps the unerased batch
-                if mixup is not None:
-                    imgs, y = mixup(imgs, y)  # y: (N, K) soft targets
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                loss = loss_of(imgs, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if f.clip_grad is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
-                optimizer.step()
-                loss_sum += loss.detach()
+                loss_sum += train_step(imgs, y)
                 n_batches += 1
                 n_images += len(y)
                 step += 1

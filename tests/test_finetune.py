@@ -289,6 +289,22 @@ def test_compiled_finetuning_follows_the_eager_run():
     assert moved > 1e-3  # it trained: the comparison is not of two untouched copies
 
 
+def test_finetune_step_benchmark_smoke(tmp_path):
+    """benchmarks/finetune_step.py times FinetuneStep eager and compiled and writes its JSON."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("finetune_step_benchmark", REPO / "benchmarks" / "finetune_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--batch-size", "8", "--steps", "2", "--warmup", "1", "--device", "cpu", "--threads", "1",
+                "--set", "finetune.drop_path=0", "--json", str(out)])
+    (config,) = json.loads(out.read_text())["configs"]
+    assert set(config["results"]) == {"eager", "compiled"} and config["speedup_compiled_over_eager"] > 0
+    assert config["train_flops_per_image"] > 0 and all(r["img_per_s"] > 0 for r in config["results"].values())
+
+
 def _ddp_finetune(rank: int, world_size: int, init_file: str, out: str) -> None:
     """One DDP rank (gloo, CPU) of a tiny fine-tuning run; writes what the test compares."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
