@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from mae.checkpoint import CheckpointError
 from mae.config import ExperimentConfig, resolved_model_args, uses_cuda_graphs
-from mae.data import build_dataset, collate_skip_none
+from mae.data import build_dataset, eval_loader
 from mae.device_input import Prefetcher, build_train_input, prefetch_depth
 from mae.engine import autocast, autocast_dtype, seed_everything, select_device, stand_in
 from mae.models import MaskedAutoencoderViT
@@ -262,8 +262,7 @@ def finetune(
                               num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                               persistent_workers=cfg.data.num_workers > 0, collate_fn=collate_fn)
     test_shard = Subset(test, eval_shard(len(test), rank, world_size))
-    test_loader = DataLoader(test_shard, batch_size=max(f.batch_size, 256),
-                             collate_fn=collate_skip_none)
+    test_loader = eval_loader(test_shard, max(f.batch_size, 256), cfg.data.num_workers, device, persistent=True)
 
     model = build_classifier(cfg, classes)
     if not from_scratch:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mae.config import ExperimentConfig, to_dict
-from mae.data import build_dataset, collate_skip_none
+from mae.data import build_dataset, collate_skip_none, eval_loader
 from mae.device_input import Prefetcher, ToDevice, build_train_input, prefetch_depth
 from mae.engine import autocast, autocast_dtype, select_device
 from mae.models import MaskedAutoencoderViT
@@ -57,12 +57,12 @@ def num_classes(train: Dataset, test: Dataset) -> int:
 @torch.no_grad()
 def extract_features(
     model: MaskedAutoencoderViT, dataset: Dataset, device: torch.device, pool: str = "cls",
-    batch_size: int = 512, dtype: torch.dtype | None = None,
+    batch_size: int = 512, dtype: torch.dtype | None = None, num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features (M, D) float32 on the CPU and labels (M,); the encoder runs under
-    autocast to `dtype` (None: float32)."""
+    autocast to `dtype` (None: float32), the images are read by `num_workers` workers."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
+    loader = eval_loader(dataset, batch_size, num_workers, device)
     feats, labels = [], []
     for imgs, y in loader:
         with autocast(device, dtype):
@@ -108,8 +108,8 @@ def quick_probe(
     test = build_dataset(cfg, "test", augment=False, subset=p.quick_test_size)
     classes = num_classes(train, test)
     dtype = autocast_dtype(cfg, device)
-    x_train, y_train = extract_features(model, train, device, p.pool, dtype=dtype)
-    x_test, y_test = extract_features(model, test, device, p.pool, dtype=dtype)
+    x_train, y_train = extract_features(model, train, device, p.pool, dtype=dtype, num_workers=cfg.data.num_workers)
+    x_test, y_test = extract_features(model, test, device, p.pool, dtype=dtype, num_workers=cfg.data.num_workers)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     head = fit_logistic(x_train, y_train, classes, p.quick_epochs, p.quick_lr, p.quick_weight_decay)
@@ -224,7 +224,7 @@ def linear_probe(
     train_loader = DataLoader(train, batch_size=p.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.data.num_workers, collate_fn=collate_fn,
                               pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
-    test_loader = DataLoader(test, batch_size=512, collate_fn=collate_skip_none)
+    test_loader = eval_loader(test, 512, cfg.data.num_workers, device, persistent=True)
     dim = model.cls_token.shape[-1]
     head = LinearProbeHead(dim, classes).to(device)
     peak_lr = p.base_lr * p.batch_size / 256

@@ -1,5 +1,6 @@
 import gzip
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 from mae.config import load_config
 from mae.data import (
     CorruptDatasetError, DatasetNotFoundError, FashionMNIST, ImageFolder, build_dataset,
-    collate_skip_none, read_idx,
+    collate_skip_none, eval_loader, read_idx,
 )
 
 
@@ -90,3 +91,44 @@ def test_imagefolder_skips_and_logs_corrupt_images(tmp_path, caplog):
 def test_imagefolder_without_classes(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="class sub-folders"):
         ImageFolder(tmp_path)
+
+
+class _Pids(torch.utils.data.Dataset):
+    """Item i is (the reading process's pid, i), or None (an unreadable image) for i % 5 == 4."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        return None if i % 5 == 4 else (torch.tensor(os.getpid()), i)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_splits_are_read_in_order_by_the_configured_workers(workers):
+    loader = eval_loader(_Pids(), batch_size=3, num_workers=workers, device="cpu", persistent=True)
+    for _ in range(2):  # two passes, as two epochs' evaluations
+        pids, order = map(torch.cat, zip(*loader))
+        assert order.tolist() == [0, 1, 2, 3, 5, 6, 7, 8]  # in order, the unreadable ones dropped
+        assert (pids == os.getpid()).all() == (workers == 0)  # read in worker processes when asked
+    assert loader.persistent_workers == (workers > 0)
+
+
+def test_probes_and_finetuning_read_their_test_split_with_data_num_workers(monkeypatch):
+    import mae.finetune
+    import mae.probe
+    from mae.models import build_mae
+
+    calls = []
+    for module in (mae.probe, mae.finetune):
+        monkeypatch.setattr(module, "eval_loader", lambda *a, **k: calls.append((a[2], k.get("persistent", False)))
+                            or eval_loader(*a, **k))
+    cfg = load_config(None, ["data.dataset=synthetic", "data.synthetic_size=64", "data.num_workers=1",
+                             "model.name=mae_vit_micro_patch4", "model.img_size=28", "model.in_chans=1",
+                             "probe.quick_train_size=32", "probe.quick_test_size=16", "probe.quick_epochs=2",
+                             "finetune.epochs=1", "finetune.batch_size=16", "finetune.train_subset=32",
+                             "finetune.test_subset=16"])
+    model = build_mae("mae_vit_micro_patch4", img_size=28, in_chans=1)
+    mae.probe.quick_probe(model, cfg, device="cpu")
+    assert calls == [(1, False), (1, False)]  # features of the training and test images, one pass each
+    result = mae.finetune.finetune(cfg, model.state_dict(), device="cpu", progress=False)
+    assert calls[2:] == [(1, True)] and 0.0 <= result.top1 <= 1.0  # kept across the epochs' evaluations
