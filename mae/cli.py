@@ -76,7 +76,8 @@ def _with_cli_values(values: dict, args: argparse.Namespace) -> ExperimentConfig
     return config_from_dict(apply_overrides(values, extra))
 
 
-def _checkpoint_config(args: argparse.Namespace) -> ExperimentConfig:
+def _checkpoint_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict]:
+    """The checkpoint's config with the command line's values, and the loaded checkpoint."""
     payload = load_checkpoint(args.checkpoint)
     if "config" not in payload:
         raise CheckpointError(f"{args.checkpoint} carries no config: it was not written by `mae pretrain`")
@@ -84,21 +85,11 @@ def _checkpoint_config(args: argparse.Namespace) -> ExperimentConfig:
     if getattr(args, "config", None):
         file_values = to_dict(load_config(args.config))
         values = {**values, "data": file_values["data"], "probe": file_values["probe"]}
-    return _with_cli_values(values, args)
-
-
-def _model_from(cfg: ExperimentConfig, checkpoint: str | Path):
-    """The model `cfg` describes, with the weights of `checkpoint` (strict)."""
-    from mae.checkpoint import model_state
-    from mae.engine import build_model
-
-    model = build_model(cfg)
-    model.load_state_dict(model_state(load_checkpoint(checkpoint)))
-    return model
+    return _with_cli_values(values, args), payload
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mae.engine import pretrain
+    from mae.engine import model_with_weights, pretrain
     from mae.probe import quick_probe
 
     cfg = _with_cli_values(to_dict(load_config(args.config)), args)
@@ -111,17 +102,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if result.epochs:
         summary["first_epoch_loss"] = result.epochs[0]["train_loss"]
     if not args.no_probe and result.checkpoint_dir is not None:
-        summary.update(quick_probe(_model_from(cfg, result.checkpoint_dir), cfg))
+        summary.update(quick_probe(model_with_weights(cfg, load_checkpoint(result.checkpoint_dir)), cfg))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from mae.engine import model_with_weights
     from mae.probe import linear_probe, quick_probe
 
-    cfg = _checkpoint_config(args)
-    model = _model_from(cfg, args.checkpoint)
+    cfg, payload = _checkpoint_config(args)
+    model = model_with_weights(cfg, payload)
     if args.quick:
         out = quick_probe(model, cfg)
     else:
@@ -137,10 +129,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from mae.data import build_dataset, normalization
+    from mae.engine import model_with_weights
     from mae.reconstruct import reconstruct, save_reconstruction_grid
 
-    cfg = _checkpoint_config(args)
-    model = _model_from(cfg, args.checkpoint)
+    cfg, payload = _checkpoint_config(args)
+    model = model_with_weights(cfg, payload)
     test = build_dataset(cfg, "test", augment=False, subset=args.num)
     imgs = torch.stack([test[i][0] for i in range(min(args.num, len(test)))])
     torch.manual_seed(args.seed)

@@ -435,6 +435,11 @@ def load_model(path: str | Path, **overrides: Any) -> tuple[MaskedAutoencoderViT
     cfg = config_from_dict(payload["config"])
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
+    return model_with_weights(cfg, payload), cfg
+
+
+def model_with_weights(cfg: ExperimentConfig, payload: dict[str, Any]) -> MaskedAutoencoderViT:
+    """The model `cfg` describes, with the weights of a loaded checkpoint (strict)."""
     model = build_model(cfg)
     model.load_state_dict(model_state(payload), strict=True)
-    return model, cfg
+    return model

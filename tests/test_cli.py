@@ -46,6 +46,23 @@ def test_probe_command(smoke_run, tmp_path):
     assert len(result["epochs"]) == 1 and 0.0 <= result["probe_top1"] <= 1.0
 
 
+def test_reconstruct_reads_the_checkpoint_once_and_uses_its_weights(smoke_run, tmp_path, monkeypatch):
+    import mae.cli
+    from mae.checkpoint import load_checkpoint, model_state
+
+    reads, seen = [], {}
+    monkeypatch.setattr(mae.cli, "load_checkpoint", lambda path: reads.append(path) or load_checkpoint(path))
+    monkeypatch.setattr("mae.reconstruct.reconstruct", lambda model, imgs, ratio: seen.update(model=model) or
+                        torch.zeros(3, len(imgs), *imgs.shape[1:]))
+    monkeypatch.setattr("mae.reconstruct.save_reconstruction_grid", lambda panels, out, mean, std: out)
+    checkpoint = smoke_run / "checkpoint-0001"
+    assert mae.cli.main(["reconstruct", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r.png"),
+                         "--num", "2"]) == 0
+    assert reads == [str(checkpoint)]  # config and weights from one read (a ViT-L one holds GBs)
+    for name, value in model_state(load_checkpoint(checkpoint)).items():
+        torch.testing.assert_close(seen["model"].state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.slow
 def test_reconstruct_writes_a_four_column_grid(smoke_run, tmp_path):
     png = tmp_path / "recon.png"
