@@ -68,6 +68,16 @@ def test_store_holds_the_readable_images_shrunk_with_their_labels(tmp_path, capl
         assert (img.float() - resized.float()).abs().mean() < 2.0  # PIL's filter against torch's
 
 
+def test_workers_handing_over_batches_write_the_same_store_as_one_process(tmp_path, store, monkeypatch):
+    src, one_process = store
+    monkeypatch.setattr(mae.predecoded, "CONVERT_BATCH", 2)  # 7 files: 4 batches over 2 workers, 2 unreadable
+    meta = write_store(src, tmp_path / "batched", short_side=40, workers=2)
+    assert meta["count"] == 5 and meta["skipped"] == 2
+    assert (tmp_path / "batched" / "images.u8").read_bytes() == (one_process / "images.u8").read_bytes()
+    with np.load(tmp_path / "batched" / "index.npz") as a, np.load(one_process / "index.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in ("offsets", "shapes", "labels"))
+
+
 def test_greyscale_store_and_channel_mismatch(tmp_path, store):
     src, _ = store
     write_store(src, tmp_path / "grey", short_side=None, in_chans=1)
