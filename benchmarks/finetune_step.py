@@ -80,25 +80,24 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, clas
                                   f"train.compile={compiled}", f"train.compile_mode={args.compile_mode}",
                                   *args.overrides])
 
+    eager_cfg = cfg_for(False)
     torch.manual_seed(args.seed)
-    base = build_classifier(cfg_for(False), classes)
+    base = build_classifier(eager_cfg, classes)
     g = torch.Generator().manual_seed(args.seed)
     imgs = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)  # (N, C, H, W)
     labels = torch.randint(0, classes, (batch,), generator=g).to(device)  # (N,)
 
-    steps, models = {}, {}
+    steps = {}
     for name in args.variants.split(","):
-        cfg = cfg_for(name == "compiled")
+        cfg = cfg_for(True) if name == "compiled" else eager_cfg
         model = build_classifier(cfg, classes)
         model.load_state_dict(base.state_dict())
         model.to(device).train()
         steps[name] = FinetuneStep(model, optimizer_for(model, cfg, 1e-4), cfg, device, classes)
-        models[name] = model
 
-    probe = build_classifier(cfg_for(False), classes).to(device).train()  # FLOPs of one eager step, 2 images
+    probe = build_classifier(eager_cfg, classes).to(device).train()  # FLOPs of one eager step, 2 images
     with FlopCounterMode(display=False) as counter:
-        FinetuneStep(probe, optimizer_for(probe, cfg_for(False), 1e-4), cfg_for(False), device, classes)(
-            imgs[:2], labels[:2])
+        FinetuneStep(probe, optimizer_for(probe, eager_cfg, 1e-4), eager_cfg, device, classes)(imgs[:2], labels[:2])
     flops = counter.get_total_flops() / 2
 
     times, warmup_s, peak_mem = time_in_turns({name: (lambda s=step: s(imgs, labels)) for name, step in steps.items()},
@@ -111,7 +110,7 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, clas
     speedup = (results["compiled"]["img_per_s"] / results["eager"]["img_per_s"]
                if {"compiled", "eager"} <= results.keys() else None)
     return {"model": model_name, "img_size": img_size, "in_chans": in_chans, "batch_size": batch, "classes": classes,
-            "precision": str(autocast_dtype(cfg_for(False), device) or torch.float32).removeprefix("torch."),
+            "precision": str(autocast_dtype(eager_cfg, device) or torch.float32).removeprefix("torch."),
             "train_flops_per_image": flops, "results": results, "speedup_compiled_over_eager": speedup}
 
 

@@ -8,8 +8,8 @@ import gzip
 import logging
 import os
 import struct
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np

@@ -589,20 +589,14 @@ def build_train_input(
     """
     device = torch.device(device)
     d = cfg.data
-    if d.pipeline == "cpu" or d.dataset == "synthetic" or (randaug is not None and d.pipeline == "device"):
-        if d.pipeline != "cpu" and d.dataset != "synthetic":
+    in_workers = d.pipeline == "cpu" or d.dataset == "synthetic"
+    if in_workers or (randaug is not None and d.pipeline == "device"):
+        if not in_workers:
             log.info("RandAugment (%s) runs in the CPU workers: data.pipeline 'device' is not used here", randaug)
         dataset = build_dataset(cfg, "train", augment=True, subset=subset, scale_min=scale_min, randaug=randaug)
         return dataset, collate_skip_none, ToDevice(device)
     args = resolved_model_args(cfg)
     mean, std = normalization(cfg)
-    if randaug is not None:  # predecoded: the store's pixels, augmented in the workers
-        log.info("RandAugment (%s) runs in the CPU workers, on the store's pixels", randaug)
-        store = PredecodedImages(Path(d.predecoded_dir).expanduser(), in_chans=args["in_chans"])
-        dataset = Transformed(store, pretrain_transform(args["img_size"], mean, std, scale_min, d.hflip, randaug))
-        if subset is not None:
-            dataset = Subset(dataset, range(min(subset, len(dataset))))
-        return dataset, default_collate, ToDevice(device)
     augment = DeviceAugment(args["img_size"], mean, std, scale=(scale_min, 1.0), hflip=d.hflip,
                             device=device, seed=cfg.train.seed if seed is None else seed)
     if d.dataset == "fashion_mnist":
@@ -610,7 +604,12 @@ def build_train_input(
         return dataset, default_collate, AugmentOnDevice(augment)
     if d.pipeline == "predecoded":
         dataset = PredecodedImages(Path(d.predecoded_dir).expanduser(), in_chans=args["in_chans"])
-        collate_fn, to_batch = collate_packed, UnpackAndAugment(augment)
+        if randaug is None:
+            collate_fn, to_batch = collate_packed, UnpackAndAugment(augment)
+        else:  # the store's pixels, cropped and augmented in the workers
+            log.info("RandAugment (%s) runs in the CPU workers, on the store's pixels", randaug)
+            dataset = Transformed(dataset, pretrain_transform(args["img_size"], mean, std, scale_min, d.hflip, randaug))
+            collate_fn, to_batch = default_collate, ToDevice(device)
     else:
         dataset = EncodedImageFolder(imagefolder_root(cfg, "train"), in_chans=args["in_chans"])
         mode = ImageReadMode.GRAY if args["in_chans"] == 1 else ImageReadMode.RGB
