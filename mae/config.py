@@ -44,7 +44,7 @@ class MaskConfig:
 class DataConfig:
     dataset: str = "fashion_mnist"  # fashion_mnist | imagefolder | synthetic
     data_dir: str | None = None  # None: $MAE_DATA_DIR, then the dataset's default place
-    train_subset: int | None = None  # first K training images, for quick runs
+    train_subset: int | None = None  # K training images, for quick runs (an ImageFolder's spread over its classes)
     num_workers: int = 0
     synthetic_size: int = 1024
     crop_scale_min: float = 0.2  # RandomResizedCrop(scale=(crop_scale_min, 1))
@@ -88,14 +88,17 @@ class TrainConfig:
 class ProbeConfig:
     pool: str = "avg"  # avg (patch-token mean) | cls; avg separates short FMNIST runs better
     # quick probe: logistic regression on cached frozen features
-    quick_train_size: int = 10000
+    quick_train_size: int = 10000  # training images the quick probe fits on (spread as data.train_subset's)
     quick_test_size: int | None = None  # None: the whole test split
     quick_epochs: int = 100
     quick_lr: float = 0.1
     quick_weight_decay: float = 1e-4
     # full linear probe, the paper's recipe (Appendix A.2)
     epochs: int = 90
-    batch_size: int = 256
+    batch_size: int = 256  # images per forward pass, and per BatchNorm normalisation
+    # loaded batches whose gradients make one LARS step: lr = base_lr * batch_size * accum_iter / 256.
+    # The reference's 16384 is 512 per GPU x 32 GPUs, BatchNorm per GPU: batch_size 512, accum_iter 32
+    accum_iter: int = 1
     base_lr: float = 0.1
     weight_decay: float = 0.0
     warmup_epochs: float = 10.0
@@ -105,7 +108,7 @@ class ProbeConfig:
     # linear probe keeps (facebookresearch/mae main_linprobe.py); pretraining uses data.crop_scale_min
     crop_scale_min: float = 0.08
     train_subset: int | None = None
-    test_subset: int | None = None  # first K test images, scored after every epoch; None: the whole test split
+    test_subset: int | None = None  # K test images (spread as train_subset's), scored after every epoch; None: all
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,8 @@ class FinetuneConfig:
     # so the training images are augmented in CPU workers when it is on, whatever data.pipeline says
     randaug: str | None = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25  # random erasing: chance per image of one erased rectangle (normal noise); 0: off
-    train_subset: int | None = None  # first K training images, for quick runs
-    test_subset: int | None = None  # first K test images; None: the whole test split
+    train_subset: int | None = None  # K training images, for quick runs (an ImageFolder's spread over its classes)
+    test_subset: int | None = None  # K test images (spread as train_subset's); None: the whole test split
 
 
 @dataclass(frozen=True)
@@ -385,6 +388,7 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.probe.optimizer in ("lars", "sgd"), "probe.optimizer", "must be 'lars' or 'sgd'")
     require(0.0 < cfg.probe.crop_scale_min <= 1.0, "probe.crop_scale_min",
             f"must be in (0, 1], got {cfg.probe.crop_scale_min}")
+    require(cfg.probe.accum_iter >= 1, "probe.accum_iter", f"must be >= 1, got {cfg.probe.accum_iter}")
     require(cfg.probe.quick_train_size >= 10, "probe.quick_train_size", "must be >= 10")
     require(cfg.probe.quick_test_size is None or cfg.probe.quick_test_size > 0, "probe.quick_test_size",
             f"must be positive (or null: the whole test split), got {cfg.probe.quick_test_size}")
@@ -470,3 +474,10 @@ def absolute_lr(cfg: ExperimentConfig, world_size: int = 1) -> float:
     if cfg.optim.lr is not None:
         return cfg.optim.lr
     return cfg.optim.base_lr * effective_batch_size(cfg, world_size) / 256
+
+
+def derived_values(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
+    """What a run derives from its config and its number of processes, as saved in every
+    checkpoint ("derived") and in summary.json: the peak lr is not in the config."""
+    return {"world_size": world_size, "effective_batch_size": effective_batch_size(cfg, world_size),
+            "absolute_lr": absolute_lr(cfg, world_size)}

@@ -42,13 +42,13 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Subset, default_collate
+from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mae.config import ExperimentConfig, resolved_model_args
 from mae.data import (
     PIL_ERRORS, FashionMNIST, ImageFolder, build_dataset, collate_skip_none, decode_pil,
-    fashion_mnist_root, imagefolder_root, normalization, pretrain_transform,
+    fashion_mnist_root, imagefolder_root, normalization, pretrain_transform, spread_subset,
 )
 from mae.predecoded import PackedBatch, PredecodedImages, collate_packed
 
@@ -580,7 +580,8 @@ def build_train_input(
     seed: int | None = None, randaug: str | None = None,
 ) -> tuple[torch.utils.data.Dataset, Callable, Callable]:
     """`build_pretrain_input` for any job that trains on the augmented training split:
-    the first `subset` images (None: all), crops of at least `scale_min` of the area.
+    `subset` images (None: all; which ones: `mae.data.spread_subset`), crops of at least
+    `scale_min` of the area.
     The full linear probe and fine-tuning read their training images through it too.
 
     randaug: a timm RandAugment spec (fine-tuning's). Its ops are PIL's, so with it the
@@ -614,6 +615,4 @@ def build_train_input(
         dataset = EncodedImageFolder(imagefolder_root(cfg, "train"), in_chans=args["in_chans"])
         mode = ImageReadMode.GRAY if args["in_chans"] == 1 else ImageReadMode.RGB
         collate_fn, to_batch = collate_encoded, DecodeAndAugment(augment, mode)
-    if subset is not None:
-        dataset = Subset(dataset, range(min(subset, len(dataset))))
-    return dataset, collate_fn, to_batch
+    return spread_subset(dataset, subset), collate_fn, to_batch

@@ -12,6 +12,7 @@
 Both report top-1 on the held-out test split.
 """
 
+import itertools
 import logging
 import os
 import time
@@ -219,17 +220,19 @@ def linear_probe(
         collate_fn, to_batch = collate_skip_none, ToDevice(device)
     test = build_dataset(cfg, "test", augment=False, subset=p.test_subset)
     classes = num_classes(train, test)
-    if len(train) < p.batch_size:
-        raise ValueError(f"probe.batch_size {p.batch_size} exceeds the {len(train)} training images")
+    accum = p.accum_iter
+    if len(train) < p.batch_size * accum:
+        raise ValueError(f"probe.batch_size {p.batch_size} x probe.accum_iter {accum} exceeds the {len(train)} "
+                         "training images: lower either")
     train_loader = DataLoader(train, batch_size=p.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.data.num_workers, collate_fn=collate_fn,
                               pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     test_loader = eval_loader(test, 512, cfg.data.num_workers, device, persistent=True)
     dim = model.cls_token.shape[-1]
     head = LinearProbeHead(dim, classes).to(device)
-    peak_lr = p.base_lr * p.batch_size / 256
+    peak_lr = p.base_lr * p.batch_size * accum / 256  # per optimizer step's images
     optimizer = probe_optimizer(head, p.optimizer, peak_lr, p.weight_decay)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(train_loader) // accum  # optimizer steps
     total, warmup = p.epochs * steps_per_epoch, int(round(p.warmup_epochs * steps_per_epoch))
     dtype = autocast_dtype(cfg, device)  # the frozen encoder's; the head trains in float32
     result, step = ProbeResult(top1=0.0, test_images=len(test)), 0
@@ -237,21 +240,24 @@ def linear_probe(
         head.train()
         loss_sum = torch.zeros((), device=device)
         n_steps = 0
-        with Prefetcher(train_loader, to_batch, device, prefetch_depth(cfg, device)) as batches:
-            for imgs, y in tqdm(batches, total=steps_per_epoch, desc=f"probe {epoch + 1}/{p.epochs}",
-                                leave=False, disable=not progress):
-                set_lr(optimizer, cosine_lr(step, total, warmup, peak_lr))
-                step += 1
-                if imgs.shape[0] < 2:  # unreadable images (each one logged) left too few for BatchNorm
-                    continue
-                with torch.no_grad(), autocast(device, dtype):
-                    feats = model.forward_features(imgs, pool=p.pool)
-                loss = nn.functional.cross_entropy(head(feats.float()), y.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach()
-                n_steps += 1
+        batches = itertools.islice(train_loader, steps_per_epoch * accum)  # whole optimizer steps only
+        with Prefetcher(batches, to_batch, device, prefetch_depth(cfg, device)) as prepared:
+            for it, (imgs, y) in enumerate(tqdm(prepared, total=steps_per_epoch * accum, leave=False,
+                                                desc=f"probe {epoch + 1}/{p.epochs}", disable=not progress)):
+                if it % accum == 0:
+                    set_lr(optimizer, cosine_lr(step, total, warmup, peak_lr))
+                    step += 1
+                # BatchNorm normalises each loaded batch; gradients add up over accum of them
+                if imgs.shape[0] >= 2:  # unreadable images (each one logged) may leave too few for BatchNorm
+                    with torch.no_grad(), autocast(device, dtype):
+                        feats = model.forward_features(imgs, pool=p.pool)
+                    loss = nn.functional.cross_entropy(head(feats.float()), y.to(device))
+                    (loss / accum if accum > 1 else loss).backward()
+                    loss_sum += loss.detach()
+                    n_steps += 1
+                if (it + 1) % accum == 0:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
         top1 = evaluate(model, head, test_loader, device, p.pool, dtype)
         result.epochs.append({"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, n_steps),
                               "test_top1": top1})

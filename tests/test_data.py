@@ -12,6 +12,7 @@ from mae.data import (
     CorruptDatasetError, DatasetNotFoundError, FashionMNIST, ImageFolder, build_dataset,
     collate_skip_none, eval_loader, read_idx,
 )
+from mae.device_input import build_train_input
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path):
@@ -86,6 +87,23 @@ def test_imagefolder_skips_and_logs_corrupt_images(tmp_path, caplog):
     assert imgs.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 1, 1]
     assert ds.skipped == 2
     assert "broken.jpg" in caplog.text and "empty.png" in caplog.text
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_an_imagefolder_subset_spreads_over_its_classes(tmp_path, pipeline):
+    # ImageFolder lists its files class by class: 3 classes x 4 images, 3 of them taken
+    for cls in ("a", "b", "c"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.data_dir={tmp_path}", f"data.pipeline={pipeline}",
+                             "model.name=mae_vit_tiny_patch4", "model.img_size=32", "model.in_chans=3"])
+    test = build_dataset(cfg, "test", augment=False, subset=3)
+    assert [test[i][1] for i in range(len(test))] == [0, 1, 2]
+    train = build_train_input(cfg, "cpu", subset=3, scale_min=0.2)[0]  # pretraining's, the probe's, fine-tuning's
+    assert [train[i][1] for i in range(len(train))] == [0, 1, 2]
+    assert train.indices == test.indices == [2, 6, 10]  # the same images whatever reads them
+    assert len(build_dataset(cfg, "test", augment=False, subset=12)) == 12
 
 
 def test_imagefolder_without_classes(tmp_path):

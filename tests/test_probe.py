@@ -1,0 +1,77 @@
+"""The full linear probe's gradient accumulation (probe.accum_iter): how the reference makes
+the paper's batch of 16384 (512 per GPU, BatchNorm per GPU), in one process."""
+
+import pytest
+import torch
+from torch import nn
+
+import mae.probe
+from mae.config import ConfigError, load_config
+from mae.models import build_mae
+from mae.probe import LinearProbeHead, linear_probe
+
+SYNTHETIC = ["data.dataset=synthetic", "data.synthetic_size=48", "model.name=mae_vit_micro_patch4",
+             "probe.augment=false", "probe.epochs=2", "probe.warmup_epochs=0", "probe.base_lr=0.5",
+             "probe.test_subset=8", "train.precision=fp32"]
+
+
+def test_accumulated_batches_make_one_step_with_their_mean_gradient_and_the_scaled_lr(monkeypatch):
+    # 48 images in batches of 8, 3 per step: 2 steps an epoch. Each step's gradient must be the
+    # mean of its 3 batches' own gradients (BatchNorm over each batch of 8, not over 24),
+    # at the head's weights before the step, and its lr base_lr * 8 * 3 / 256.
+    cfg = load_config(None, [*SYNTHETIC, "probe.batch_size=8", "probe.accum_iter=3", "probe.optimizer=sgd"])
+    batches, steps = [], []
+
+    def record_inputs(head, inputs, output):
+        if head.training:
+            batches.append(inputs[0].detach().clone())
+
+    real_head = mae.probe.LinearProbeHead
+
+    def recorded_head(dim, classes):
+        head = real_head(dim, classes)
+        head.register_forward_hook(record_inputs)
+        return head
+
+    real_optimizer = mae.probe.probe_optimizer
+
+    def recorded_optimizer(head, kind, lr, weight_decay):
+        optimizer = real_optimizer(head, kind, lr, weight_decay)
+        step = optimizer.step
+
+        def recording_step(*args, **kwargs):
+            steps.append({"lr": optimizer.param_groups[0]["lr"], "n_batches": len(batches),
+                          "state": {k: v.clone() for k, v in head.state_dict().items()},
+                          "grad": head.fc.weight.grad.clone()})
+            return step(*args, **kwargs)
+
+        optimizer.step = recording_step
+        return optimizer
+
+    labels = []
+    real_ce = nn.functional.cross_entropy
+    monkeypatch.setattr(mae.probe.nn.functional, "cross_entropy",
+                        lambda logits, y, **kw: labels.append(y.clone()) or real_ce(logits, y, **kw))
+    monkeypatch.setattr(mae.probe, "LinearProbeHead", recorded_head)
+    monkeypatch.setattr(mae.probe, "probe_optimizer", recorded_optimizer)
+    torch.manual_seed(0)
+    linear_probe(build_mae("mae_vit_micro_patch4"), cfg, device="cpu", progress=False)
+
+    assert [s["n_batches"] for s in steps] == [3, 6, 9, 12]  # 2 epochs x 2 steps, 3 batches each
+    assert steps[0]["lr"] == pytest.approx(0.5 * 8 * 3 / 256)  # no warm-up: the peak, then the cosine
+    assert steps[0]["lr"] > steps[1]["lr"] > steps[2]["lr"] > steps[3]["lr"]
+    for s in steps:
+        head = LinearProbeHead(*reversed(s["grad"].shape))
+        head.load_state_dict(s["state"])
+        head.train()
+        group = range(s["n_batches"] - 3, s["n_batches"])
+        expected = sum(torch.autograd.grad(real_ce(head(batches[i]), labels[i]), head.fc.weight)[0] for i in group) / 3
+        torch.testing.assert_close(s["grad"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_needs_whole_steps():
+    cfg = load_config(None, [*SYNTHETIC, "probe.batch_size=8", "probe.accum_iter=7"])
+    with pytest.raises(ValueError, match="probe.accum_iter 7 exceeds the 48 training images"):
+        linear_probe(build_mae("mae_vit_micro_patch4"), cfg, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="probe.accum_iter"):
+        load_config(None, ["probe.accum_iter=0"])
