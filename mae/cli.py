@@ -98,7 +98,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(cfg, run_dir)
     summary = {"run_dir": str(run_dir), "checkpoint": str(result.checkpoint_dir),
                "final_loss": result.final_loss, "wall_time_s": result.wall_time_s,
-               "images_per_sec": result.images_per_sec}
+               "images_per_sec": result.images_per_sec, **result.derived}
     if result.epochs:
         summary["first_epoch_loss"] = result.epochs[0]["train_loss"]
     if not args.no_probe and result.checkpoint_dir is not None:

@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    latest_checkpoint, load_checkpoint, model_state, prune_checkpoints, rng_state,
+    CheckpointError, latest_checkpoint, load_checkpoint, model_state, prune_checkpoints, rng_state,
     save_checkpoint, set_rng_state,
 )
 from mae.config import (
-    ExperimentConfig, absolute_lr, config_from_dict, resolved_model_args, to_dict, uses_cuda_graphs,
+    ExperimentConfig, absolute_lr, config_from_dict, derived_values, resolved_model_args, to_dict,
+    uses_cuda_graphs,
 )
 from mae.device_input import Prefetcher, build_pretrain_input, prefetch_depth
 from mae.models import MaskedAutoencoderViT
@@ -63,6 +64,7 @@ class PretrainResult:
     best_loss: float = math.nan
     wall_time_s: float = 0.0
     images_per_sec: float = 0.0
+    derived: dict[str, Any] = field(default_factory=dict)  # config.derived_values: world size, peak lr
 
 
 def select_device(name: str) -> torch.device:
@@ -106,7 +108,7 @@ def build_model(cfg: ExperimentConfig) -> MaskedAutoencoderViT:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
-    """The paper's AdamW (no decay on norms, biases, tokens), fused: torch updates every
+    """The reference's AdamW (no decay on norms and biases: `param_groups`), fused: torch updates every
     parameter in one kernel (CUDA and CPU) instead of looping over them in Python."""
     device = next(model.parameters()).device
     fused = device.type in ("cuda", "cpu")
@@ -230,10 +232,15 @@ def pretrain(
         )
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=cfg.train.seed, drop_last=True)
+    # The workers' augmentation RNGs are seeded from this generator, reseeded per epoch
+    # (worker_seed), and the workers are started afresh each epoch: a run resumed at
+    # epoch e draws the same crops as one that never stopped. Persistent workers would
+    # carry their RNG state over from the epochs before, which a resume cannot restore.
+    worker_rng = torch.Generator()
     loader = DataLoader(
         dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=cfg.data.num_workers > 0, collate_fn=collate_fn,
+        persistent_workers=False, collate_fn=collate_fn, generator=worker_rng,
     )
     accum = cfg.train.accum_iter
     steps_per_epoch = len(loader) // accum
@@ -253,7 +260,14 @@ def pretrain(
     if source is not None:
         payload = load_checkpoint(source)
         model.load_state_dict(model_state(payload), strict=True)
-        optimizer.load_state_dict(payload["optimizer"])
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+        except ValueError as e:  # torch: a group of another size
+            raise CheckpointError(
+                f"{source}: its optimizer state does not fit this model's parameter groups ({e}). It was "
+                "written by another model or mae version (mae 0.1.0 before 2026-11-29 did not weight-decay "
+                "the cls and mask tokens): resume with the code that wrote it, or start in another run folder"
+            ) from e
         start_epoch, step = int(payload["epoch"]), int(payload["step"])
         history = list(payload.get("history", []))
         set_rng_state(payload["rng"][rank] if isinstance(payload["rng"], list) else payload["rng"])
@@ -269,17 +283,18 @@ def pretrain(
     train_step = TrainStep(train_model, optimizer, cfg, device, accum=accum)
 
     depth = prefetch_depth(cfg, device)
-    result = PretrainResult(run_dir=run_dir, epochs=[])
+    result = PretrainResult(run_dir=run_dir, epochs=[], derived=derived_values(cfg, world_size))
     t_run = time.perf_counter()
     images_total = 0
     last_ckpt: Path | None = None
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
+        worker_rng.manual_seed(worker_seed(cfg.train.seed, rank, epoch))
         train_model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)  # on device: no host sync per step
-        window_sum = torch.zeros((), device=device)
-        n_iters = n_images = 0
+        window_sum = torch.zeros((), device=device)  # the micro-batch losses since the last log
+        n_iters = n_images = n_window = 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=not (cfg.train.progress and rank == 0))
         batches = itertools.islice(loader, steps_per_epoch * accum)  # exactly the batches this epoch uses
@@ -301,15 +316,18 @@ def pretrain(
                 loss_sum += loss
                 window_sum += loss
                 n_iters += 1
+                n_window += 1
                 n_images += n_read
                 if not update:
                     continue
                 step += 1
                 bar.update(1)
                 if step % cfg.train.log_every == 0:
-                    window = window_sum.item() / (cfg.train.log_every * accum)  # the one host sync
+                    # the one host sync; since the last log or, in an epoch's first window, its start
+                    window = window_sum.item() / n_window
                     _check_finite(window, epoch, step)
                     window_sum.zero_()
+                    n_window = 0
                     bar.set_postfix(loss=f"{window:.4f}", lr=f"{lr:.2e}")
                     callback.on_log({"epoch": epoch, "step": step, "loss": window, "lr": lr})
         bar.close()
@@ -337,7 +355,7 @@ def pretrain(
                 ckpt = save_checkpoint(run_dir / f"checkpoint-{epoch + 1:04d}", {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "epoch": epoch + 1, "step": step, "rng": rngs, "augment_rng": augment_rngs,
-                    "config": to_dict(cfg),
+                    "config": to_dict(cfg), "derived": derived_values(cfg, world_size),
                     "history": history, "mae_version": mae.__version__,
                 })
                 prune_checkpoints(run_dir, keep_checkpoints)
@@ -404,6 +422,12 @@ def stand_in(last: T | None, epoch: int, it: int) -> T:
     log.warning("no image of batch %d of epoch %d could be read; training on the previous batch again",
                 it, epoch + 1)
     return last
+
+
+def worker_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s DataLoader workers on `rank`: a function of the three
+    alone, so a resumed run's workers draw what the uninterrupted run's drew."""
+    return ((seed * 1_000_003 + rank) * 100_003 + epoch) % 2**63
 
 
 def _check_finite(value: float, epoch: int, step: int) -> None:

@@ -7,12 +7,19 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights decayed; norms, biases and learned tokens not decayed."""
+    """Two groups, [decayed, not decayed], by the reference pretraining's rule (facebookresearch/mae
+    main_pretrain.py: timm's add_weight_decay, no skip list): 1-D parameters (norms) and biases
+    are not decayed, everything else is, the (1, 1, D) cls and mask tokens included.
+
+    timm's param_groups_weight_decay applies the same rule but leaves out an empty group,
+    so its group count would follow optim.weight_decay; a checkpoint's optimizer state
+    needs the same groups to resume, hence two, always.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # fixed sin-cos position embeddings
-        if p.ndim <= 1 or name.endswith(".bias") or name.endswith("_token"):
+        if p.ndim <= 1 or name.endswith(".bias"):
             no_decay.append(p)
         else:
             decay.append(p)

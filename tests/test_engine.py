@@ -26,27 +26,50 @@ def test_cosine_schedule_shape():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_no_weight_decay_on_norms_biases_tokens():
+def test_weight_decay_spares_norms_and_biases_as_the_reference_does():
+    # facebookresearch/mae main_pretrain.py: timm's add_weight_decay, no skip list; the
+    # (1, 1, D) tokens are decayed there. The two groups exist even with no weight decay.
     m = build_model(load_config())
     decay, no_decay = param_groups(m, 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
-    assert {names[id(p)] for p in decay["params"]} >= {"blocks.0.attn.qkv.weight", "decoder_pred.weight"}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"norm.weight", "decoder_norm.bias", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert {"blocks.0.attn.qkv.weight", "decoder_pred.weight", "cls_token", "mask_token"} <= decay_names
+    assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim > 1 for p in decay["params"])
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.05
-    assert "pos_embed" not in no_decay_names | {names[id(p)] for p in decay["params"]}
+    assert "pos_embed" not in no_decay_names | decay_names
+    assert [len(g["params"]) for g in param_groups(m, 0.0)] == [len(decay["params"]), len(no_decay["params"])]
 
 
-@pytest.mark.parametrize("pipeline,prefetch", [("cpu", 0), ("device", 2)])
-def test_resume_gives_the_same_result(tmp_path, fashion_mnist_dir, pipeline, prefetch):
+def test_a_checkpoint_with_other_optimizer_groups_is_refused_clearly(tmp_path, fashion_mnist_dir, monkeypatch):
+    pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=1"), tmp_path)
+    saved = (tmp_path / "checkpoint-0001" / "checkpoint.pt").read_bytes()
+
+    def tokens_not_decayed(model, weight_decay):  # mae 0.1.0's groups before the tokens were decayed
+        decay, no_decay = param_groups(model, weight_decay)
+        tokens = [p for n, p in model.named_parameters() if n.endswith("_token")]
+        decay["params"] = [p for p in decay["params"] if all(p is not t for t in tokens)]
+        no_decay["params"] = no_decay["params"] + tokens
+        return [decay, no_decay]
+
+    monkeypatch.setattr("mae.engine.param_groups", tokens_not_decayed)
+    with pytest.raises(CheckpointError, match="optimizer state does not fit .* start in another run folder"):
+        pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=2"), tmp_path)
+    assert (tmp_path / "checkpoint-0001" / "checkpoint.pt").read_bytes() == saved
+
+
+@pytest.mark.parametrize("pipeline,prefetch,workers", [("cpu", 0, 0), ("cpu", 0, 1), ("device", 2, 0)])
+def test_resume_gives_the_same_result(tmp_path, fashion_mnist_dir, pipeline, prefetch, workers):
     # device: the crops come from the pipeline's own generator, which the checkpoint carries.
-    # The straight run prepares batches inline; the interrupted and resumed ones with
-    # `prefetch` batches readied ahead by a thread, which must not change what is drawn.
-    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=3", f"data.pipeline={pipeline}", "data.prefetch=0")
-    straight = pretrain(cfg, tmp_path / "straight")
+    # cpu with a worker: from the worker's RNG, seeded per epoch (a resume cannot restore a
+    # worker's state). The straight run prepares batches inline; the interrupted and resumed
+    # ones with `prefetch` batches readied ahead by a thread, which must not change what is drawn.
+    common = ("train.epochs=3", f"data.pipeline={pipeline}", f"data.num_workers={workers}")
+    straight = pretrain(smoke_cfg(fashion_mnist_dir, *common, "data.prefetch=0"), tmp_path / "straight")
 
     # 1 epoch, stop, then resume the same run for the remaining 2
-    cfg = smoke_cfg(fashion_mnist_dir, "train.epochs=3", f"data.pipeline={pipeline}", f"data.prefetch={prefetch}")
+    cfg = smoke_cfg(fashion_mnist_dir, *common, f"data.prefetch={prefetch}")
     with pytest.raises(Interrupted):
         pretrain(cfg, tmp_path / "resumed", callback=StopAfter(1))
     assert [p.name for p in checkpoint_folders(tmp_path / "resumed")] == ["checkpoint-0001"]
@@ -60,6 +83,31 @@ def test_resume_gives_the_same_result(tmp_path, fashion_mnist_dir, pipeline, pre
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
     assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]],
                                                                      rel=1e-6)
+    # the peak lr is derived (base_lr x effective batch / 256) and saved beside the config
+    assert b["derived"] == {"world_size": 1, "effective_batch_size": 32,
+                            "absolute_lr": pytest.approx(cfg.optim.base_lr * 32 / 256)}
+    assert rest.derived == b["derived"]
+
+
+def test_logged_loss_is_the_mean_of_the_steps_since_the_last_log(tmp_path, fashion_mnist_dir, monkeypatch):
+    # 4 steps an epoch, a log every 3. The step's loss is replaced by its number (1, 2, ...):
+    # the log at step 3 is mean(1, 2, 3); the one at step 6 covers epoch 2's steps 5 and 6.
+    real_step, calls = TrainStep.__call__, []
+
+    def numbered(self, imgs, noise=None, update=True):
+        real_step(self, imgs, noise, update)
+        calls.append(1)
+        return torch.tensor(float(len(calls)))
+
+    monkeypatch.setattr(TrainStep, "__call__", numbered)
+    logs = []
+
+    class Logs(PretrainCallback):
+        def on_log(self, metrics):
+            logs.append(metrics)
+
+    pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=2", "train.log_every=3"), tmp_path, callback=Logs())
+    assert [(m["epoch"], m["step"], m["loss"]) for m in logs] == [(0, 3, 2.0), (1, 6, 5.5)]
 
 
 class Interrupted(Exception):
