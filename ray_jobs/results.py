@@ -66,6 +66,9 @@ TRIAL_COLUMNS: list[Column] = [
     Column("updated_at", pa.timestamp("us", tz="UTC"), "when this row was last written"),
 ]
 
+# Set by the recorder from Tune's events, never copied from a trial's reported metrics.
+RECORDER_COLUMNS = ("trial_id", "sweep", "status", "params", "error", "updated_at")
+
 EPOCH_COLUMNS: list[Column] = [
     Column("trial_id", pa.string(), "Ray Tune trial id (joins trials.parquet)"),
     Column("epoch", pa.int64(), "epoch number, 1-based"),
@@ -221,7 +224,9 @@ class SweepRecorder:
                        code_version=self.code_version)
         row.update(config_row(cfg))
         row.update(params=json.dumps(params, sort_keys=True), status=status, seed=cfg.train.seed)
-        if error is not None:
+        if status != "ERROR":
+            row["error"] = None  # a failed trial retried by --resume carries its old error no further
+        elif error is not None:
             lines = [line.strip() for line in error.splitlines() if line.strip()]
             row["error"] = lines[-1][:500] if lines else error
         row["updated_at"] = _now()
@@ -244,11 +249,13 @@ class SweepRecorder:
 
         The history comes from the final checkpoint, which carries every epoch over all
         attempts: it replaces the live rows, so retries leave neither gaps nor repeats.
+        A finished trial has no error.
         """
         row = self.trials[trial_id]
         for c in TRIAL_COLUMNS:
-            if c.name in final and c.name not in ("trial_id", "sweep", "status", "params"):
+            if c.name in final and c.name not in RECORDER_COLUMNS:
                 row[c.name] = _clean(final[c.name])
+        row["error"] = None
         row["updated_at"] = _now()
         if history:
             for key in [k for k in self.epochs if k[0] == trial_id]:

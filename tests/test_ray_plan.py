@@ -150,6 +150,22 @@ def test_a_new_recorder_keeps_the_rows_already_written(tmp_path):
     assert pq.read_table(tmp_path / results.EPOCHS_FILE).num_rows == 1
 
 
+def test_the_error_column_holds_only_an_error_trials_error(tmp_path):
+    cfg = load_config(SMOKE_SWEEP)
+    rec = _recorder(tmp_path)
+    rec.trial("t0", cfg, {}, "ERROR", error="Traceback ...\nRuntimeError: worker died")
+    assert rec.trials["t0"]["error"] == "RuntimeError: worker died"
+    rec.write()
+    resumed = _recorder(tmp_path)  # --resume retries it, and this time it finishes
+    resumed.trial("t0", cfg, {}, "RUNNING")
+    assert resumed.trials["t0"]["error"] is None
+    resumed.trial("t0", cfg, {}, "TERMINATED")
+    resumed.finish("t0", {"probe_top1": 0.7, "error": "stale"}, [])
+    resumed.write()
+    (row,) = pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist()
+    assert (row["status"], row["error"], row["probe_top1"]) == ("TERMINATED", None, 0.7)
+
+
 def test_writes_are_atomic_and_throttled(tmp_path, monkeypatch):
     cfg = load_config(SMOKE_SWEEP)
     rec = _recorder(tmp_path, min_interval_s=3600)
