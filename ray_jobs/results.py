@@ -152,17 +152,28 @@ def write_table_atomic(table: pa.Table, path: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class UnreadableTableError(ValueError):
+    """A results table exists but cannot be read; it has been left as it is."""
+
+
 def read_table(path: str) -> pa.Table | None:
+    """The table at `path` (local or URI), or None when there is no file there yet.
+
+    Raises UnreadableTableError when it exists but cannot be read (corrupt, or storage
+    that fails): the caller would rewrite it with only its own rows, losing every earlier one.
+    """
     try:
         if is_uri(path):
             fs, fs_path = pafs.FileSystem.from_uri(path)
             if fs.get_file_info(fs_path).type == pafs.FileType.NotFound:
                 return None
             return pq.read_table(fs_path, filesystem=fs)
-        return pq.read_table(path) if Path(path).is_file() else None
-    except (OSError, pa.ArrowInvalid) as e:
-        log.warning("cannot read %s (%s); it will be rebuilt", path, e)
-        return None
+        return pq.read_table(path) if Path(path).exists() else None
+    except (OSError, pa.ArrowException) as e:
+        raise UnreadableTableError(
+            f"cannot read {path} ({e}); it holds the rows of earlier runs and was left as it is. "
+            "Restore it from a copy (or wait out a storage failure), or move it aside to start a new table; "
+            "then run the command again") from e
 
 
 def _clean(value: Any) -> Any:
@@ -178,7 +189,8 @@ def _clean(value: Any) -> Any:
 class SweepRecorder:
     """Keeps the rows of both tables and rewrites them; Ray's callback feeds it.
 
-    Rows already in the folder's tables are loaded first, so a resumed sweep keeps them.
+    Rows already in the folder's tables are loaded first, so a resumed sweep keeps them;
+    a table that exists but cannot be read raises UnreadableTableError (and stays as it is).
     """
 
     def __init__(self, folder: str, sweep: str, objective: str, code_version: str,

@@ -44,7 +44,7 @@ from mae.checkpoint import CheckpointError, load_checkpoint
 from mae.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, flatten, load_config, to_dict
 from mae.data import CorruptDatasetError, DatasetNotFoundError
 from ray_jobs import cluster
-from ray_jobs.results import read_table, write_table_atomic
+from ray_jobs.results import UnreadableTableError, read_table, write_table_atomic
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,10 @@ def run_target(job: Job, target: Target, storage: Path, run_id: str, workers: in
 
 
 class RunTable:
-    """The rows of probe.parquet / finetune.parquet: earlier runs' rows, plus this run's."""
+    """The rows of probe.parquet / finetune.parquet: earlier runs' rows, plus this run's.
+
+    An existing table that cannot be read raises UnreadableTableError and is left as it is.
+    """
 
     def __init__(self, job: Job, folder: Path) -> None:
         self.job = job
@@ -284,7 +287,8 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
         args = build_parser(job, description).parse_args(argv)
     try:
         folder, targets = choose(args)
-    except (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDatasetError) as e:
+        table = RunTable(job, folder)  # the earlier runs' rows; a table it cannot read stops us here
+    except (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDatasetError, UnreadableTableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for flag, value in (("--max-concurrent", args.max_concurrent), ("--workers", workers)):
@@ -294,7 +298,6 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
     concurrent = args.max_concurrent or targets[0].cfg.sweep.max_concurrent
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     version = code_version()
-    table = RunTable(job, folder)
     cluster.init_ray(args.address, trial_drivers=concurrent)
     # Each encoder's TorchTrainer is driven from a light Ray task holding a trial_driver
     # unit (as a sweep's trials are), so `concurrent` of them train at once.

@@ -314,10 +314,11 @@ def run_sweep(plan: Plan, args: argparse.Namespace) -> int:
     cfg = plan.cfg
     # The objective arrives only with a trial's last report; epoch reports lack it.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    callback = ParquetCallback(plan.folder, cfg, code_version(), interrupt_after=args.interrupt_after)
+    recorder = callback.recorder  # loads a resumed sweep's tables: an unreadable one fails here, before Ray starts
     mode = cluster.init_ray(args.address, trial_drivers=cfg.sweep.max_concurrent)
     marker_dir = plan.folder if not results.is_uri(plan.folder) else os.path.join(os.getcwd(), ".faults")
     options = {"train_storage": plan.folder, "fail_at_epoch": args.fail_at_epoch, "marker_dir": marker_dir}
-    callback = ParquetCallback(plan.folder, cfg, code_version(), interrupt_after=args.interrupt_after)
     fn = trainable(cfg, options)
     log.info("sweep %s (%s Ray): %d searched key(s) %s, results in %s", plan.name, mode, len(plan.dims),
              [d.key for d in plan.dims], plan.folder)
@@ -335,13 +336,13 @@ def run_sweep(plan: Plan, args: argparse.Namespace) -> int:
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     grid = tuner.fit()
-    callback.recorder.write()
-    trials = callback.recorder.trials_table()
+    recorder.write()
+    trials = recorder.trials_table()
     print()
     print(f"sweep {plan.name}: {trials.num_rows} trial(s), objective {cfg.sweep.metric} ({cfg.sweep.mode})")
     print(results.summarize(trials, cfg.sweep.metric, cfg.sweep.mode, [d.key for d in plan.dims]))
-    print(f"trials table: {callback.recorder.trials_path}")
-    print(f"epochs table: {callback.recorder.epochs_path}")
+    print(f"trials table: {recorder.trials_path}")
+    print(f"epochs table: {recorder.epochs_path}")
     done = [s for s in trials.column("status").to_pylist() if s in ("TERMINATED", "STOPPED", "ERROR")]
     if len(done) < max(len(grid), callback.total_trials or 0):
         print(f"interrupted: resume with the same command plus --resume (sweep folder {plan.folder})")
@@ -363,6 +364,9 @@ def main(argv: list[str] | None = None, default_experiment: str = "experiments/s
         return 2
     try:
         return run_sweep(plan, args)
+    except results.UnreadableTableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -112,6 +112,18 @@ def test_rows_append_to_the_table_with_its_schema(sweep_folder, tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "a temporary file was left behind"
 
 
+def test_an_unreadable_table_is_refused_and_left_as_it_is(sweep_folder, tmp_path, capsys):
+    garbage = b"PAR1 this is not a parquet file PAR1"
+    (tmp_path / mae_results.FINETUNE_FILE).write_bytes(garbage)
+    with pytest.raises(sweep_tables.UnreadableTableError, match="move it aside"):
+        reuse.RunTable(reuse.FINETUNE, tmp_path)  # this run's rows alone would replace every earlier one
+    (tmp_path / mae_results.PROBE_FILE).write_bytes(garbage)
+    assert reuse.main(reuse.PROBE, ["--sweep", str(sweep_folder), "--out", str(tmp_path)], "") == 2  # before Ray
+    assert str(tmp_path / mae_results.PROBE_FILE) in capsys.readouterr().err
+    assert (tmp_path / mae_results.FINETUNE_FILE).read_bytes() == garbage
+    assert (tmp_path / mae_results.PROBE_FILE).read_bytes() == garbage
+
+
 @pytest.mark.slow
 def test_the_saved_probe_head_predicts_as_the_trained_one(tmp_path, fashion_mnist_dir):
     cfg = load_config(SMOKE, ["probe.train_subset=128", "probe.test_subset=100"])

@@ -166,6 +166,41 @@ def test_the_error_column_holds_only_an_error_trials_error(tmp_path):
     assert (row["status"], row["error"], row["probe_top1"]) == ("TERMINATED", None, 0.7)
 
 
+GARBAGE = b"PAR1 this is not a parquet file PAR1"
+
+
+@pytest.mark.parametrize("name", [results.TRIALS_FILE, results.EPOCHS_FILE])
+def test_an_unreadable_table_stops_the_recorder_and_is_left_as_it_is(tmp_path, name):
+    cfg = load_config(SMOKE_SWEEP)
+    first = _recorder(tmp_path)
+    first.trial("t0", cfg, {}, "TERMINATED")
+    first.write()
+    (tmp_path / name).write_bytes(GARBAGE)
+    with pytest.raises(results.UnreadableTableError, match="move it aside") as info:
+        _recorder(tmp_path)  # a resumed sweep must not rebuild the table from its own rows
+    assert isinstance(info.value, ValueError) and str(tmp_path / name) in str(info.value)
+    assert (tmp_path / name).read_bytes() == GARBAGE
+
+
+def test_resume_with_an_unreadable_table_exits_2_before_ray_starts(tmp_path, capsys):
+    import yaml
+
+    from mae.config import to_dict
+    from ray_jobs import sweep
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / sweep.EXPERIMENT_FILE).write_text(yaml.safe_dump(to_dict(load_config(SMOKE_SWEEP))))
+    (folder / results.TRIALS_FILE).write_bytes(GARBAGE)
+    argv = ["--experiment", str(SMOKE_SWEEP), "--storage", str(tmp_path), "--name", "s", "--resume"]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read") and str(folder / results.TRIALS_FILE) in err
+    assert "Traceback" not in err
+    assert (folder / results.TRIALS_FILE).read_bytes() == GARBAGE
+    assert not sweep.ray.is_initialized()
+
+
 def test_writes_are_atomic_and_throttled(tmp_path, monkeypatch):
     cfg = load_config(SMOKE_SWEEP)
     rec = _recorder(tmp_path, min_interval_s=3600)
