@@ -12,6 +12,7 @@ experiment file; everything else (flags, validation, resume) lives here.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 import mae
@@ -180,6 +181,59 @@ def tune_config(cfg: ExperimentConfig) -> tune.TuneConfig:
     )
 
 
+# -- resuming at another --max-concurrent ---------------------------------------------
+#
+# Tuner.restore brings back the TuneConfig pickled when the sweep began, max_concurrent_trials
+# included, and Ray 2.60 has no argument to change it. Setting it on the restored Tuner is not
+# enough either: Tune builds the search algorithm from it (grid: BasicVariantGenerator; Optuna:
+# SearchGenerator(ConcurrencyLimiter(searcher))), then restores that algorithm's saved state over
+# it, and the saved state holds the first run's limit. So a resumed sweep builds the search
+# algorithm itself, from classes that keep the limit they were built with over that restore.
+
+
+class LimitedVariantGenerator(BasicVariantGenerator):
+    """Tune's grid/random generator whose max_concurrent survives `restore_from_dir`."""
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        limit = self.max_concurrent
+        super().restore_from_dir(dirpath)
+        self.max_concurrent = limit
+
+
+class LimitedSearchGenerator(SearchGenerator):
+    """SearchGenerator over a ConcurrencyLimiter whose limit survives `restore_from_dir`."""
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        limit = self.searcher.max_concurrent
+        super().restore_from_dir(dirpath)
+        self.searcher.set_max_concurrency(limit)
+
+
+def resumed_tune_config(restored: tune.TuneConfig, max_concurrent: int) -> tune.TuneConfig:
+    """The restored TuneConfig, limited to `max_concurrent` trials at once (see above).
+
+    The search algorithm is the one tune.run would build from max_concurrent_trials, which
+    is therefore cleared (tune.run would otherwise warn that it ignores it).
+    """
+    searcher = restored.search_alg  # as `tune_config` made it: None (grid) or the Optuna searcher
+    if searcher is None:
+        search_alg: Any = LimitedVariantGenerator(max_concurrent=max_concurrent)
+    else:
+        search_alg = LimitedSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent))
+    return dataclasses.replace(restored, search_alg=search_alg, max_concurrent_trials=None)
+
+
+def restore_tuner(folder: str, fn: Any, callback: ParquetCallback, max_concurrent: int) -> tune.Tuner:
+    """The sweep's Tuner as Tune saved it, with this run's callback and concurrency limit."""
+    tuner = tune.Tuner.restore(folder, fn, resume_unfinished=True, restart_errored=True)
+    # Ray restores the pickled configs with no public way to change them: set them on the
+    # restored Tuner. The callback is this run's (fresh options, e.g. no interrupt).
+    local = tuner._local_tuner
+    local.get_run_config().callbacks = [callback]
+    local._tune_config = resumed_tune_config(local._tune_config, max_concurrent)
+    return tuner
+
+
 def trainable(base: ExperimentConfig, options: dict[str, Any]) -> Any:
     fn = tune.with_parameters(run_trial, base=to_dict(base), options=options)
     return tune.with_resources(fn, cluster.trial_resources())
@@ -188,7 +242,7 @@ def trainable(base: ExperimentConfig, options: dict[str, Any]) -> Any:
 # -- the command line ------------------------------------------------------------------
 
 
-@dataclass
+@dataclasses.dataclass
 class Plan:
     """Everything decided before Ray starts: a bad experiment fails here."""
 
@@ -210,7 +264,8 @@ def build_parser(default_experiment: str, description: str) -> argparse.Argument
                    help="folder (made absolute) or URI that holds sweep folders (default ./results)")
     p.add_argument("--name", help="sweep name, the sweep folder under --storage (default: the experiment's name)")
     p.add_argument("--num-samples", type=int, help="Optuna trials, or repeats of the grid (sweep.num_samples)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (sweep.max_concurrent)")
+    p.add_argument("--max-concurrent", type=int,
+                   help="trials at once (sweep.max_concurrent); with --resume it replaces the saved one, up or down")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep in the folder: finished trials are kept, "
                         "unfinished and failed ones continue from their last checkpoints")
@@ -323,9 +378,7 @@ def run_sweep(plan: Plan, args: argparse.Namespace) -> int:
     log.info("sweep %s (%s Ray): %d searched key(s) %s, results in %s", plan.name, mode, len(plan.dims),
              [d.key for d in plan.dims], plan.folder)
     if plan.resume:
-        tuner = tune.Tuner.restore(plan.folder, fn, resume_unfinished=True, restart_errored=True)
-        # Tune restores the callbacks it pickled; use this run's (fresh options, e.g. no interrupt).
-        tuner._local_tuner.get_run_config().callbacks = [callback]
+        tuner = restore_tuner(plan.folder, fn, callback, cfg.sweep.max_concurrent)
     else:
         _write_text(results.join(plan.folder, EXPERIMENT_FILE), yaml.safe_dump(to_dict(cfg), sort_keys=False))
         tuner = tune.Tuner(

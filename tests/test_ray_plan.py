@@ -201,6 +201,56 @@ def test_resume_with_an_unreadable_table_exits_2_before_ray_starts(tmp_path, cap
     assert not sweep.ray.is_initialized()
 
 
+def _no_trial(config):
+    """A trainable for Tuners that are built and restored but never fitted."""
+
+
+@pytest.mark.parametrize("search, overrides", [
+    ("grid", []),
+    ("optuna", ["sweep.num_samples=4", "sweep.space={mask.ratio: {low: 0.5, high: 0.9}}"]),
+])
+def test_resume_takes_the_new_max_concurrent_over_the_restored_one(tmp_path, search, overrides):
+    import ray
+    from ray import tune
+    from ray.tune.execution.tune_controller import _get_max_pending_trials
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
+
+    from ray_jobs import sweep
+
+    cfg = load_config(SMOKE_SWEEP, ["sweep.max_concurrent=1", f"sweep.search={search}", *overrides])
+    space = sweep.tune_space(validate_experiment(cfg), search)
+
+    def built(limit):  # the search algorithm tune.run builds from TuneConfig(max_concurrent_trials=limit)
+        if search == "grid":
+            return BasicVariantGenerator(max_concurrent=limit)
+        alg = SearchGenerator(ConcurrencyLimiter(sweep.tune_config(cfg).search_alg, max_concurrent=limit))
+        alg.set_search_properties(cfg.sweep.metric, cfg.sweep.mode, space)
+        return alg
+
+    def limit_of(alg):
+        return alg.max_concurrent if search == "grid" else alg.searcher.max_concurrent
+
+    tune.Tuner(_no_trial, param_space=space, tune_config=sweep.tune_config(cfg),  # writes tuner.pkl
+               run_config=tune.RunConfig(name="s", storage_path=str(tmp_path)))
+    folder = str(tmp_path / "s")
+    built(1).save_to_dir(folder, "first")  # the search state the first run (--max-concurrent 1) left
+
+    tuner = sweep.restore_tuner(folder, _no_trial, sweep.ParquetCallback(folder, cfg, "git:abc"), max_concurrent=3)
+    resumed = tuner._local_tuner._tune_config
+    assert resumed.max_concurrent_trials is None  # else tune.run would build its own search algorithm
+    assert resumed.num_samples == 4 if search == "optuna" else resumed.num_samples == 1
+    if search == "optuna":
+        assert isinstance(resumed.search_alg.searcher.searcher, sweep.FinalMetricOptunaSearch)
+    resumed.search_alg.restore_from_dir(folder)  # what Tune's controller does on resume
+    assert limit_of(resumed.search_alg) == 3
+    if search == "optuna":
+        assert _get_max_pending_trials(resumed.search_alg) == 3
+    plain = built(3)
+    plain.restore_from_dir(folder)
+    assert limit_of(plain) == 1, "Tune's own classes take the saved limit back: the reason for the fix"
+    assert not ray.is_initialized()
+
+
 def test_writes_are_atomic_and_throttled(tmp_path, monkeypatch):
     cfg = load_config(SMOKE_SWEEP)
     rec = _recorder(tmp_path, min_interval_s=3600)

@@ -57,13 +57,14 @@ def _run(args: list[str], cwd: Path = REPO, env: dict[str, str] | None = None) -
 @pytest.fixture(scope="module")
 def resumed_sweep(tmp_path_factory):
     """A sweep whose workers are each killed once after epoch 1, interrupted after its first
-    trial, then resumed with --resume: {"folder", "first": (proc, trials rows), "second": proc}."""
+    trial (one trial at a time), then resumed with --resume at two trials at a time:
+    {"folder", "first": (proc, trials rows), "second": proc}."""
     storage = tmp_path_factory.mktemp("results")
     common = [*SWEEP, *TINY, "--storage", str(storage), "--name", "faulty", "--fail-at-epoch", "1"]
     first = _run([*common, "--max-concurrent", "1", "--interrupt-after", "1"], cwd=storage)
     folder = storage / "faulty"
     first_rows = pq.read_table(folder / results.TRIALS_FILE).to_pylist() if (folder / results.TRIALS_FILE).exists() else []
-    second = _run([*common, "--resume"], cwd=storage)
+    second = _run([*common, "--resume", "--max-concurrent", "2"], cwd=storage)
     return {"folder": folder, "first": (first, first_rows), "second": second}
 
 
@@ -122,6 +123,17 @@ def test_interrupted_sweep_resumes_to_complete_tables(resumed_sweep):
     kept = by_id[finished[0]["trial_id"]]
     assert kept["updated_at"] == finished[0]["updated_at"], "a finished trial was run again"
     assert kept["probe_top1"] == finished[0]["probe_top1"]
+
+
+def test_resume_runs_at_its_own_max_concurrent(resumed_sweep):
+    import pickle
+
+    # Tune saves its grid generator's state, limit included, into the sweep folder in each
+    # session (the file is named by the session's start time), and restores it on --resume.
+    states = sorted(resumed_sweep["folder"].glob("basic-variant-state-*.json"))
+    assert len(states) == 2, "expected one search state per session"
+    limits = [pickle.loads(path.read_bytes())["max_concurrent"] for path in states]
+    assert limits == [1, 2], "the resumed session did not run at its --max-concurrent"
 
 
 @pytest.mark.parametrize("script, old, new", [
