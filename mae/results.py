@@ -130,10 +130,24 @@ def finetune_schema() -> pa.Schema:
 # -- reading ------------------------------------------------------------------------------
 
 
+class UnreadableTableError(ValueError):
+    """A results table exists but cannot be read; it has been left as it is."""
+
+
+def unreadable_table_message(path: str | os.PathLike, error: Exception) -> str:
+    return (f"cannot read {path} ({error}); it holds the rows of earlier runs and was left as it is. "
+            "Restore it from a copy (or wait out a storage failure), or move it aside to start a new table; "
+            "then run the command again")
+
+
 def _read(path: Path, schema: pa.Schema | None = None) -> pd.DataFrame:
-    """A table as a DataFrame; a missing file gives an empty frame (with the schema's columns)."""
+    """A table as a DataFrame; a missing file gives an empty frame (with the schema's columns).
+    Raises UnreadableTableError when it exists but cannot be read."""
     if path.is_file():
-        return pq.read_table(path).to_pandas()
+        try:
+            return pq.read_table(path).to_pandas()
+        except (OSError, pa.ArrowException) as e:
+            raise UnreadableTableError(unreadable_table_message(path, e)) from e
     if schema is not None:
         return schema.empty_table().to_pandas()
     return pd.DataFrame()

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from mae.config import ExperimentConfig, flatten
 from mae.results import Column  # one column type for every table: name, Arrow type, meaning
+from mae.results import UnreadableTableError, unreadable_table_message
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,6 @@ def write_table_atomic(table: pa.Table, path: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class UnreadableTableError(ValueError):
-    """A results table exists but cannot be read; it has been left as it is."""
-
-
 def read_table(path: str) -> pa.Table | None:
     """The table at `path` (local or URI), or None when there is no file there yet.
 
@@ -170,10 +167,7 @@ def read_table(path: str) -> pa.Table | None:
             return pq.read_table(fs_path, filesystem=fs)
         return pq.read_table(path) if Path(path).exists() else None
     except (OSError, pa.ArrowException) as e:
-        raise UnreadableTableError(
-            f"cannot read {path} ({e}); it holds the rows of earlier runs and was left as it is. "
-            "Restore it from a copy (or wait out a storage failure), or move it aside to start a new table; "
-            "then run the command again") from e
+        raise UnreadableTableError(unreadable_table_message(path, e)) from e
 
 
 def _clean(value: Any) -> Any:

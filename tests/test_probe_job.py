@@ -124,6 +124,15 @@ def test_an_unreadable_table_is_refused_and_left_as_it_is(sweep_folder, tmp_path
     assert (tmp_path / mae_results.PROBE_FILE).read_bytes() == garbage
 
 
+def test_a_sweep_whose_trials_table_is_unreadable_is_named(tmp_path, capsys):
+    # the analysis API and the jobs' trial selection read trials.parquet through mae.results
+    (tmp_path / mae_results.TRIALS_FILE).write_bytes(b"PAR1 not parquet PAR1")
+    with pytest.raises(mae_results.UnreadableTableError, match="trials.parquet .*move it aside"):
+        mae_results.load_sweep(tmp_path)
+    assert reuse.main(reuse.PROBE, ["--sweep", str(tmp_path)], "") == 2  # one line, before Ray starts
+    assert "trials.parquet" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_saved_probe_head_predicts_as_the_trained_one(tmp_path, fashion_mnist_dir):
     cfg = load_config(SMOKE, ["probe.train_subset=128", "probe.test_subset=100"])
