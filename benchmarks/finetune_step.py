@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from mae.config import COMPILE_MODES, PRECISIONS, load_config
 from mae.engine import autocast_dtype, device_name, select_device
@@ -35,7 +34,7 @@ from mae.finetune import FinetuneStep, build_classifier, optimizer_for
 from mae.models import model_names
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import matmul_ceiling, time_in_turns  # noqa: E402  (shared with the pretraining benchmark)
+from throughput import counted_flops, matmul_ceiling, time_in_turns  # noqa: E402  (shared with the pretraining benchmark)
 
 VARIANTS = ("eager", "compiled")
 PRESETS = {
@@ -87,21 +86,22 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, clas
     imgs = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)  # (N, C, H, W)
     labels = torch.randint(0, classes, (batch,), generator=g).to(device)  # (N,)
 
-    steps = {}
+    steps, models = {}, {}
     for name in args.variants.split(","):
         cfg = cfg_for(True) if name == "compiled" else eager_cfg
         model = build_classifier(cfg, classes)
         model.load_state_dict(base.state_dict())
         model.to(device).train()
         steps[name] = FinetuneStep(model, optimizer_for(model, cfg, 1e-4), cfg, device, classes)
+        models[name] = model
 
     probe = build_classifier(eager_cfg, classes).to(device).train()  # FLOPs of one eager step, 2 images
-    with FlopCounterMode(display=False) as counter:
-        FinetuneStep(probe, optimizer_for(probe, eager_cfg, 1e-4), eager_cfg, device, classes)(imgs[:2], labels[:2])
-    flops = counter.get_total_flops() / 2
+    probe_step = FinetuneStep(probe, optimizer_for(probe, eager_cfg, 1e-4), eager_cfg, device, classes)
+    flops = counted_flops(lambda: probe_step(imgs[:2], labels[:2])) / 2
+    del probe, probe_step  # its weights, gradients and optimizer state leave the device before timing
 
     times, warmup_s, peak_mem = time_in_turns({name: (lambda s=step: s(imgs, labels)) for name, step in steps.items()},
-                                              args.warmup, args.steps, device, model_name)
+                                              args.warmup, args.steps, device, model_name, models)
     results = {}
     for name, ts in times.items():
         median = statistics.median(ts)

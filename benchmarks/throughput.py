@@ -17,7 +17,7 @@ noise, so both compute the same loss (checked, and printed).
 Also measured: the device's matrix-product ceiling (bf16 on CUDA, float32 on CPU), the
 FLOPs of one training step per image (torch.utils.flop_counter, our eager model) and so
 the MFU (achieved FLOP/s over the measured ceiling), and peak device memory per variant
-(CUDA only). With --check-steps K it also trains ours compiled (at the engine's
+(CUDA only: its weights plus what its warm-up allocated; see time_in_turns). With --check-steps K it also trains ours compiled (at the engine's
 precision) and ours eager in float32 from the same weights on the same batches and
 masks for K steps and reports how far apart the two loss curves are.
 
@@ -28,6 +28,7 @@ table; --json writes everything, after each config (a timeout keeps what was don
 
 import argparse
 import datetime
+import itertools
 import json
 import platform
 import statistics
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae.config import COMPILE_MODES, PRECISIONS, config_from_dict, resolved_model_args
@@ -85,23 +87,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def time_in_turns(steps: dict[str, Callable[[], object]], warmup: int, n: int, device: torch.device,
-                  label: str) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float | None]]:
+                  label: str, models: dict[str, torch.nn.Module] | None = None,
+                  ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float | None]]:
     """Warm each step up (compiling it), then time n rounds in which the steps take turns,
     the order rotating, so a shared machine's drift falls on all alike.
 
     Returns seconds per call of each step, its warm-up seconds and its peak memory in GiB
-    over the warm-up (CUDA; None elsewhere). finetune_step.py uses it too.
+    (CUDA; None elsewhere): its model's weights (`models`, by step name) plus the most
+    its warm-up allocated above what the device held before it. Every variant's model
+    sits on the device at once, and the optimizer states of those warmed up before; the
+    device's own peak would charge them to the later variants. finetune_step.py uses it too.
     """
     peak_mem, warmup_s = {}, {}
     for name, step in steps.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            held = torch.cuda.memory_allocated(device)
         start = time.perf_counter()
         for _ in range(warmup):
             step()
         synchronize(device)
         warmup_s[name] = time.perf_counter() - start
-        peak_mem[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        own = weight_bytes(models[name]) if models and name in models else 0
+        peak_mem[name] = ((torch.cuda.max_memory_allocated(device) - held + own) / 2**30
+                          if device.type == "cuda" else None)
         print(f"  {label} {name}: warm-up {warmup_s[name]:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in steps}
     order = list(steps)
@@ -114,6 +123,22 @@ def time_in_turns(steps: dict[str, Callable[[], object]], warmup: int, n: int, d
             times[name].append(time.perf_counter() - start)
         order = order[1:] + order[:1]
     return times, warmup_s, peak_mem
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def counted_flops(run: Callable[[], object]) -> int:
+    """The FLOPs torch.utils.flop_counter counts while run() runs, with attention on its
+    plain matrix-product kernel. The counter has formulas for CUDA's fused attention
+    kernels but none for the CPU's (it counted attention as 0 there: 56.3 GFLOP per ViT-B
+    image, not 58.5), and its flash-attention formula adds the backward's recomputation.
+    This way every device counts the same: QK^T and AV once forward, four products back."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
 
 
 def matmul_ceiling(device: torch.device) -> dict:
@@ -184,11 +209,9 @@ def flops_per_image(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Ten
     """FLOPs of forward + backward of our eager reference forward (the full decoder, as
     the reference and HF compute it), per image. The loss-only path does slightly less
     work; MFU is quoted against this count so that all variants share one yardstick."""
-    with FlopCounterMode(display=False) as counter:
-        loss = model(imgs, mask_ratio, noise)[0]
-        loss.backward()
+    flops = counted_flops(lambda: model(imgs, mask_ratio, noise)[0].backward())
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / imgs.shape[0]
+    return flops / imgs.shape[0]
 
 
 def loss_curve_check(model_name: str, img_size: int, in_chans: int, args, device: torch.device) -> dict:
@@ -276,7 +299,7 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
                                       norm_pix_loss=norm_pix).to(device), imgs[:2], noise[:2], args.mask_ratio)
 
     times, warmup_s, peak_mem = time_in_turns({name: (lambda s=step: s(imgs, noise)) for name, step in steps.items()},
-                                              args.warmup, args.steps, device, model_name)
+                                              args.warmup, args.steps, device, model_name, models)
     results = {}
     for name, ts in times.items():
         median = statistics.median(ts)

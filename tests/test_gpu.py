@@ -72,3 +72,27 @@ def test_bf16_loss_close_to_float32():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             bf16 = model(imgs, 0.75, noise, loss_only=True)[0]
     assert abs(bf16.item() - fp32.item()) / fp32.item() < 2e-2
+
+
+def test_benchmark_peak_memory_is_each_variants_own():
+    # Both "models" sit on the GPU at once; each step allocates 64 MiB for a moment and
+    # keeps 32 MiB (an optimizer state). Each variant's peak is its 256 MiB of weights plus
+    # its own 64 MiB, whichever runs first: not the device's peak, which holds both models.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput_benchmark", REPO / "benchmarks" / "throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mib = 2**20 // 4  # float32 elements in a MiB
+    models = {name: torch.nn.Linear(256 * mib, 1, bias=False).cuda() for name in ("a", "b")}
+    kept = []
+
+    def step():
+        torch.empty(64 * mib, device="cuda").fill_(1.0)
+        if len(kept) < 2:
+            kept.append(torch.zeros(32 * mib, device="cuda"))
+
+    _, _, peak = bench.time_in_turns({"a": step, "b": step}, warmup=1, n=1, device=torch.device("cuda"),
+                                     label="test", models=models)
+    assert peak["a"] == pytest.approx((256 + 64) / 1024, abs=0.01)
+    assert peak["b"] == pytest.approx((256 + 64) / 1024, abs=0.01)
