@@ -271,10 +271,13 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def eval_transform(img_size: int, mean, std, crop_pct: float = 224 / 256) -> v2.Compose:
-    """Resize (short side img_size / crop_pct) + centre crop, as in the paper's evaluation."""
+def eval_transform(img_size: int, mean, std, crop_pct: float | None = None) -> v2.Compose:
+    """Resize (short side int(img_size / crop_pct)) + centre crop, as the reference evaluates
+    (facebookresearch/mae util/datasets.py): crop_pct 224/256 up to 224 px, 1.0 above."""
+    if crop_pct is None:
+        crop_pct = 224 / 256 if img_size <= 224 else 1.0
     return v2.Compose([
-        v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.Resize(int(img_size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(img_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),

@@ -10,7 +10,7 @@ from PIL import Image
 from mae.config import load_config
 from mae.data import (
     CorruptDatasetError, DatasetNotFoundError, FashionMNIST, ImageFolder, build_dataset,
-    collate_skip_none, eval_loader, read_idx,
+    collate_skip_none, eval_loader, eval_transform, read_idx,
 )
 from mae.device_input import build_train_input
 
@@ -104,6 +104,15 @@ def test_an_imagefolder_subset_spreads_over_its_classes(tmp_path, pipeline):
     assert [train[i][1] for i in range(len(train))] == [0, 1, 2]
     assert train.indices == test.indices == [2, 6, 10]  # the same images whatever reads them
     assert len(build_dataset(cfg, "test", augment=False, subset=12)) == 12
+
+
+@pytest.mark.parametrize("img_size, resized", [(224, 256), (32, 36), (384, 384)])
+def test_eval_resize_is_the_references(img_size, resized):
+    # facebookresearch/mae util/datasets.py: short side int(size / crop_pct), crop_pct 224/256 up to 224 px, 1 above
+    image = torch.zeros(3, 500, 600, dtype=torch.uint8)  # (C, H, W)
+    tf = eval_transform(img_size, (0.5,) * 3, (0.5,) * 3)
+    assert tf.transforms[0](image).shape == (3, resized, int(600 * resized / 500))
+    assert tf(image).shape == (3, img_size, img_size)
 
 
 def test_imagefolder_without_classes(tmp_path):
