@@ -203,11 +203,13 @@ class FinetuneStep:
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss = self.loss_of(imgs, y)
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.params, self.clip_grad)
         self.optimizer.step()
+        # freed here, not before the next backward: the gradients would otherwise sit through
+        # the next forward pass (and evaluation), at its activations' peak
+        self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
 

@@ -289,6 +289,17 @@ def test_compiled_finetuning_follows_the_eager_run():
     assert moved > 1e-3  # it trained: the comparison is not of two untouched copies
 
 
+def test_a_finetuning_step_updates_the_weights_and_leaves_no_gradients_behind():
+    # held until the next backward, they would sit through the next forward's activation peak
+    cfg = load_config(SMOKE, ["data.dataset=synthetic", *TINY_FINETUNE])
+    model = build_classifier(cfg, 10)
+    before = [p.detach().clone() for p in model.parameters()]
+    step = mae.finetune.FinetuneStep(model, optimizer_for(model, cfg, 1e-3), cfg, "cpu", 10)
+    step(torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]))
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_finetune_step_benchmark_smoke(tmp_path):
     """benchmarks/finetune_step.py times FinetuneStep eager and compiled and writes its JSON."""
     import importlib.util
