@@ -6,9 +6,12 @@ reference MAE parameter names, optimizer, epoch, step, RNG states, resolved conf
 renamed into place, so a crash never leaves a half-written checkpoint behind.
 """
 
+import argparse
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,14 +58,24 @@ def _as_tuples(x: Any) -> Any:
 
 
 def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write payload to folder/checkpoint.pt (+ config.yaml) atomically; return the folder."""
+    """Write payload to folder/checkpoint.pt (+ config.yaml) atomically; return the folder.
+
+    The files are written into a temporary folder, flushed to disk, and the folder renamed
+    into place: a crash leaves the old checkpoint or the new one, never a partial one (nor,
+    after a power cut, an empty one). The folder gets the permissions of any new folder
+    (the umask's), not mkdtemp's owner-only 0700, so a team's shared storage can read it.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         torch.save(payload, tmp / CHECKPOINT_FILE)
         if "config" in payload:
             (tmp / "config.yaml").write_text(yaml.safe_dump(payload["config"], sort_keys=False))
+        for written in tmp.iterdir():
+            _fsync(written)
+        _fsync(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -71,10 +84,28 @@ def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(folder)
+        _fsync(folder.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (best effort: some file systems refuse folders)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:
@@ -88,11 +119,22 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load safely (no code runs): tensors, numbers, strings and containers only."""
+    """Load safely (no code runs): tensors, numbers, strings and containers only, and the
+    argparse.Namespace of its arguments that the reference MAE training saves with its
+    checkpoints (facebookresearch/mae util/misc.py save_model: 'args'), a plain record."""
     file = checkpoint_file(path)
     try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with code, wrong format
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if refused:
+            raise CheckpointError(
+                f"{file} holds a Python object ({refused.group(1)}) that safe loading (torch.load with "
+                "weights_only=True) does not build, since building it could run code; it was not loaded. The file "
+                "is not damaged. If you trust its source, keep its weights alone and load those: "
+                f"torch.save({{'model': torch.load(path, weights_only=False)['model']}}, new_path)"
+            ) from e
         raise CheckpointError(
             f"cannot read checkpoint {file}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
             "It may be truncated (an interrupted copy) or not a PyTorch weights file; "

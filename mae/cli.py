@@ -109,7 +109,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from mae.engine import model_with_weights
+    from mae.engine import model_with_weights, select_device
     from mae.probe import linear_probe, quick_probe
 
     cfg, payload = _checkpoint_config(args)
@@ -129,16 +129,25 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from mae.data import build_dataset, normalization
-    from mae.engine import model_with_weights
+    from mae.engine import model_with_weights, select_device
     from mae.reconstruct import reconstruct, save_reconstruction_grid
 
+    if args.num < 1:
+        raise ConfigError(f"--num must be >= 1 (test images to show), got {args.num}")
+    if args.mask_ratio is not None:  # checked as mask.ratio is: in (0, 1), at least one patch visible
+        args.overrides = [*args.overrides, f"mask.ratio={args.mask_ratio}"]
     cfg, payload = _checkpoint_config(args)
-    model = model_with_weights(cfg, payload)
+    device = select_device(cfg.train.device)
+    model = model_with_weights(cfg, payload).to(device)
     test = build_dataset(cfg, "test", augment=False, subset=args.num)
-    imgs = torch.stack([test[i][0] for i in range(min(args.num, len(test)))])
+    items = [test[i] for i in range(len(test))]
+    readable = [item[0] for item in items if item is not None]  # unreadable images are logged by the dataset
+    if not readable:
+        raise CorruptDatasetError(f"none of the {len(items)} test images chosen could be read (each is named in "
+                                  "the warnings above)")
     torch.manual_seed(args.seed)
-    panels = reconstruct(model, imgs, args.mask_ratio if args.mask_ratio is not None else cfg.mask.ratio)
-    path = save_reconstruction_grid(panels, args.out, *normalization(cfg))
+    panels = reconstruct(model, torch.stack(readable).to(device), cfg.mask.ratio)
+    path = save_reconstruction_grid({k: v.cpu() for k, v in panels.items()}, args.out, *normalization(cfg))
     print(path)
     return 0
 

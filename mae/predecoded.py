@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import shutil
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from mae.config import ConfigError
 from mae.data import PIL_ERRORS, CorruptDatasetError, DatasetNotFoundError, ImageFolder, read_pil
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,7 @@ class PredecodedImages(Dataset):
             self.meta = json.loads((self.root / META).read_text())
             with np.load(self.root / INDEX, allow_pickle=False) as index:
                 self.offsets, self.shapes, self.labels = index["offsets"], index["shapes"], index["labels"]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a cut-short index: BadZipFile
             raise CorruptDatasetError(f"pre-decoded store {self.root} is damaged ({e}); delete it and {redo}") from e
         if self.meta.get("format") != FORMAT:
             raise CorruptDatasetError(f"{self.root} is not a {FORMAT} store (format {self.meta.get('format')!r}); "
@@ -169,7 +171,7 @@ class PredecodedImages(Dataset):
                 f"pre-decoded store {self.root} is truncated or damaged: {IMAGES} holds {size} bytes, meta.json "
                 f"says {self.meta['bytes']}; delete it and {redo}")
         if in_chans is not None and in_chans != self.meta["channels"]:
-            raise ValueError(f"{self.root} holds {self.meta['channels']}-channel images but model.in_chans is "
+            raise ConfigError(f"{self.root} holds {self.meta['channels']}-channel images but model.in_chans is "
                              f"{in_chans}; convert again with `python -m mae predecode --channels {in_chans}`")
         self.classes = self.meta["classes"]
         self._pixels: np.memmap | None = None

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -53,7 +54,7 @@ def test_reconstruct_reads_the_checkpoint_once_and_uses_its_weights(smoke_run, t
     reads, seen = [], {}
     monkeypatch.setattr(mae.cli, "load_checkpoint", lambda path: reads.append(path) or load_checkpoint(path))
     monkeypatch.setattr("mae.reconstruct.reconstruct", lambda model, imgs, ratio: seen.update(model=model) or
-                        torch.zeros(3, len(imgs), *imgs.shape[1:]))
+                        {"original": imgs})
     monkeypatch.setattr("mae.reconstruct.save_reconstruction_grid", lambda panels, out, mean, std: out)
     checkpoint = smoke_run / "checkpoint-0001"
     assert mae.cli.main(["reconstruct", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r.png"),
@@ -71,6 +72,43 @@ def test_reconstruct_writes_a_four_column_grid(smoke_run, tmp_path):
     with Image.open(png) as im:
         # make_grid: 2 px padding around 28 px tiles; 4 columns, 3 rows
         assert im.size == (4 * 30 + 2, 3 * 30 + 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mask-ratio", "1.5"], "mask.ratio: must be in"),
+    (["--mask-ratio", "0.999"], "leaves no visible patch"),
+    (["--num", "0"], "--num must be >= 1"),
+])
+def test_reconstruct_refuses_bad_arguments(smoke_run, tmp_path, capsys, argv, message):
+    import mae.cli
+
+    out = tmp_path / "r.png"
+    assert mae.cli.main(["reconstruct", "--checkpoint", str(smoke_run / "checkpoint-0001"), "--out", str(out),
+                         *argv]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_reconstruct_skips_unreadable_images_and_runs_on_the_configured_device(tmp_path, monkeypatch):
+    import mae.cli
+    from mae.checkpoint import save_checkpoint
+    from mae.config import load_config, to_dict
+    from mae.engine import build_model
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "data" / cls / "0.png")
+    (tmp_path / "data" / "a" / "1.png").write_bytes(b"not an image")  # ImageFolder order: a/0, a/1, b/0
+    cfg = load_config(None, ["data.dataset=imagefolder", "model.name=mae_vit_micro_patch4", "model.img_size=32",
+                             "model.in_chans=3"])
+    save_checkpoint(tmp_path / "ckpt", {"model": build_model(cfg).state_dict(), "config": to_dict(cfg)})
+    seen, devices = {}, []
+    monkeypatch.setattr("mae.engine.select_device", lambda name: devices.append(name) or torch.device("cpu"))
+    monkeypatch.setattr("mae.reconstruct.save_reconstruction_grid",
+                        lambda panels, out, mean, std: seen.update(panels) or out)
+    argv = ["reconstruct", "--checkpoint", str(tmp_path / "ckpt"), "--data-dir", str(tmp_path / "data"),
+            "--out", str(tmp_path / "r.png"), "--num", "3", "--device", "cuda:3"]
+    assert mae.cli.main(argv) == 0
+    assert seen["original"].shape == (2, 3, 32, 32) and devices == ["cuda:3"]  # the two readable of the three
 
 
 def test_reconstruction_keeps_visible_patches(fashion_mnist_dir):

@@ -1,9 +1,13 @@
+import argparse
 import math
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
 
-from mae.checkpoint import CheckpointError, checkpoint_folders, load_checkpoint
+from mae.checkpoint import CheckpointError, checkpoint_folders, load_checkpoint, save_checkpoint
 from mae.config import load_config
 from mae.engine import (
     NonFiniteLossError, PretrainCallback, TrainStep, build_model, build_optimizer, load_model, pretrain,
@@ -174,14 +178,37 @@ def test_truncated_checkpoint_fails_clearly_and_keeps_older_ones(tmp_path, fashi
     assert (tmp_path / "checkpoint-0001" / "checkpoint.pt").is_file()
 
 
-def test_checkpoint_with_code_is_refused(tmp_path):
+def test_checkpoint_with_code_is_refused(tmp_path, capsys):
     class Evil:
         def __reduce__(self):
             return (print, ("this must not run",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match=r"holds a Python object \(.*print\) that safe loading .* not damaged"):
         load_checkpoint(tmp_path / "evil.pt")
+    assert "this must not run" not in capsys.readouterr().out
+
+
+def test_a_reference_training_checkpoint_loads_with_its_arguments(tmp_path):
+    # facebookresearch/mae's save_model stores its argparse.Namespace under 'args'
+    args = argparse.Namespace(model="mae_vit_base_patch16", blr=1.5e-4, input_size=224)
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 8)}, "args": args, "epoch": 799}, tmp_path / "ref.pth")
+    payload = load_checkpoint(tmp_path / "ref.pth")
+    assert payload["args"] == args and payload["epoch"] == 799
+
+
+def test_checkpoint_folder_has_the_umasks_permissions_and_is_flushed(tmp_path, monkeypatch):
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    umask = os.umask(0o022)
+    try:
+        folder = save_checkpoint(tmp_path / "checkpoint-0001", {"model": {}, "config": {"name": "x"}})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755  # mkdtemp's 0700 would shut a team out
+    assert {Path(s).name for s in synced if Path(s).parent.name.startswith(".checkpoint-0001.")} == {
+        "checkpoint.pt", "config.yaml"}
+    assert os.path.realpath(tmp_path) in synced  # the rename
 
 
 def test_batch_larger_than_dataset_is_a_clear_error(tmp_path, fashion_mnist_dir):

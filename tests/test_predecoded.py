@@ -83,7 +83,7 @@ def test_greyscale_store_and_channel_mismatch(tmp_path, store):
     write_store(src, tmp_path / "grey", short_side=None, in_chans=1)
     grey = PredecodedImages(tmp_path / "grey", in_chans=1)
     assert torch.equal(grey[0][0], decode_pil(src / "a" / "0.jpg", "L"))  # full size, one channel
-    with pytest.raises(ValueError, match=r"1-channel images but model.in_chans is 3.*--channels 3"):
+    with pytest.raises(ConfigError, match=r"1-channel images but model.in_chans is 3.*--channels 3"):
         PredecodedImages(tmp_path / "grey", in_chans=3)
 
 
@@ -133,9 +133,11 @@ def test_truncated_or_damaged_store_is_a_clear_error(store):
         PredecodedImages(out)
     (out / "images.u8").write_bytes(pixels)
     assert len(PredecodedImages(out)) == 5
-    (out / "index.npz").write_bytes(b"garbage")
-    with pytest.raises(CorruptDatasetError, match="is damaged"):
-        PredecodedImages(out)
+    index = (out / "index.npz").read_bytes()
+    for damaged in (b"garbage", index[: len(index) // 2]):  # the second, cut short, raised BadZipFile
+        (out / "index.npz").write_bytes(damaged)
+        with pytest.raises(CorruptDatasetError, match="is damaged"):
+            PredecodedImages(out)
 
 
 def test_workers_get_the_index_not_the_pixels(store):
