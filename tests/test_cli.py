@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mae.config import load_config
 from tests.conftest import REPO
 
 
@@ -31,6 +32,9 @@ def smoke_run(tmp_path_factory, fashion_mnist_dir):
 def test_pretrain_writes_checkpoint_config_and_summary(smoke_run):
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert 0.0 <= summary["probe_top1"] <= 1.0 and summary["probe_n_test"] == 500
+    cfg = load_config(REPO / "experiments" / "smoke.yaml")  # batch 64, one process: lr = base_lr * 64 / 256
+    assert summary["effective_batch_size"] == 64 and summary["world_size"] == 1
+    assert summary["absolute_lr"] == pytest.approx(cfg.optim.base_lr * 64 / 256)
     assert (smoke_run / "checkpoint-0001" / "checkpoint.pt").is_file()
     assert "mask:" in (smoke_run / "checkpoint-0001" / "config.yaml").read_text()
     assert torch.load(smoke_run / "checkpoint-0001" / "checkpoint.pt", weights_only=True)["epoch"] == 1
