@@ -160,10 +160,20 @@ def model_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_folders(run_dir: str | os.PathLike) -> list[Path]:
-    """Completed checkpoint folders of a run, oldest first."""
+    """Completed checkpoint folders of a run, oldest first.
+
+    An overwrite (save_checkpoint to an existing folder) sets the old folder aside as
+    .NAME.old before the new one takes its place; if it was cut short between the two
+    renames, the old folder is put back here.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
+    for old in run_dir.glob(".checkpoint-[0-9]*.old"):
+        folder = old.with_name(old.name[1:].removesuffix(".old"))
+        if not folder.exists() and (old / CHECKPOINT_FILE).is_file():
+            log.warning("%s: an overwrite was cut short; putting back the checkpoint it had set aside", folder)
+            old.rename(folder)
     return sorted(p for p in run_dir.glob("checkpoint-[0-9]*") if (p / CHECKPOINT_FILE).is_file())
 
 

@@ -94,10 +94,12 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def trial_resources() -> dict[str, float]:
+def trial_resources(warn: bool = True) -> dict[str, float]:
     """What one Tune trial driver reserves: a trial_driver unit, else a sliver of a CPU."""
     if ray.cluster_resources().get(TRIAL_DRIVER, 0) >= 1:
         return {TRIAL_DRIVER: 1}
+    if not warn:
+        return {"CPU": FALLBACK_DRIVER_CPU}
     log.warning(
         "the cluster has no %r resource; trial drivers take %g CPU each instead. Start the head "
         "with --resources='{\"%s\": N}' to run N trials at once without sharing CPUs",
@@ -118,14 +120,20 @@ def worker_resources(cpus_per_worker: float, gpus_per_worker: float) -> tuple[di
 
 
 def check_fits(workers: int, per_worker: dict[str, float]) -> None:
-    """Fail early when one trial's workers can never be placed (instead of waiting forever)."""
+    """Fail early when one trial's workers can never be placed (instead of waiting forever).
+
+    Without a trial_driver resource the trial's own driver holds a sliver of a CPU while
+    its workers wait, so they must fit beside it.
+    """
     total = ray.cluster_resources()
+    driver = trial_resources(warn=False).get("CPU", 0.0)
     for name, amount in per_worker.items():
-        need = workers * amount
+        need = workers * amount + (driver if name == "CPU" else 0.0)
         if need > total.get(name, 0.0) + 1e-9:
+            beside = f" beside the trial driver's {driver:g} CPU" if name == "CPU" and driver else ""
             raise RuntimeError(
-                f"one trial needs {need:g} {name} ({workers} workers x {amount:g}) but the cluster has "
-                f"{total.get(name, 0.0):g}; lower sweep.workers_per_trial or sweep.cpus_per_worker/"
-                "gpus_per_worker"
+                f"one trial needs {workers * amount:g} {name} ({workers} workers x {amount:g}){beside} but the "
+                f"cluster has {total.get(name, 0.0):g}; lower sweep.workers_per_trial or sweep.cpus_per_worker/"
+                f"gpus_per_worker, or start the head with --resources='{{\"{TRIAL_DRIVER}\": N}}'"
             )
 

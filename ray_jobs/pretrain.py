@@ -188,7 +188,7 @@ def fit_and_probe(cfg: ExperimentConfig, name: str, storage_path: str, callbacks
     if result.checkpoint is None:
         raise RuntimeError(f"Train run {name} ended without a checkpoint; see its logs under {storage_path}")
     out: dict[str, Any] = {
-        "checkpoint_path": result.checkpoint.path,
+        "checkpoint_path": checkpoint_location(result.checkpoint, storage_path),
         "resumed_from_epoch": int(result.metrics.get("start_epoch", 0)) if result.metrics else 0,
         "world_size": scaling.num_workers,
     }
@@ -205,6 +205,15 @@ def fit_and_probe(cfg: ExperimentConfig, name: str, storage_path: str, callbacks
 def resolve_storage(storage: str) -> str:
     """A URI as is; a local path made absolute (Ray Train needs that)."""
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def checkpoint_location(checkpoint: Checkpoint, storage: str) -> str:
+    """Where a Train checkpoint lies, as the tables record it: a local path, or for URI
+    storage the full URI. Ray keeps the path inside its file system, without the scheme
+    (s3://bucket/results/... becomes bucket/results/...), which names nothing on its own."""
+    if "://" not in storage:
+        return checkpoint.path
+    return f"{storage.split('://', 1)[0]}://{checkpoint.path}"  # s3://bucket/..., file:///abs/...
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,9 @@ TRIAL_COLUMNS: list[Column] = [
     Column("best_epoch", pa.int64(), "epoch (1-based) of best_train_loss"),
     Column("epochs_completed", pa.int64(), "epochs trained, over all attempts"),
     Column("resumed_from_epoch", pa.int64(), "epoch the attempt that wrote the final checkpoint resumed from (0: it started fresh)"),
-    Column("checkpoint_path", pa.string(), "final checkpoint folder; load with mae.engine.load_model"),
+    Column("checkpoint_path", pa.string(), "final checkpoint folder (with URI --storage its URI: fetch it first, "
+                                           "e.g. ray.train.Checkpoint(uri).to_directory()); load with "
+                                           "mae.engine.load_model"),
     Column("train_time_s", pa.float64(), "sum of epoch times over all attempts"),
     Column("wall_time_s", pa.float64(), "seconds of the trial's last attempt, start to end (training + probe)"),
     Column("images_per_sec", pa.float64(), "training throughput over all epochs, all workers together"),

@@ -36,6 +36,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import yaml
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -100,6 +101,11 @@ def config_for(checkpoint: str, experiment: str | None, overrides: list[str]) ->
         if experiment:
             file_values = to_dict(load_config(experiment))
             values = {**values, **{s: file_values[s] for s in REPLACED_SECTIONS}}
+            unused = sorted(set(yaml.safe_load(Path(experiment).read_text()) or {}) - {*REPLACED_SECTIONS, "name"})
+            if unused:  # the sweep section too: workers are sized as the trial's own pretraining was
+                log.warning("%s: its %s section(s) are not used for a sweep's trials, which keep their own; "
+                            "change one with --set, e.g. --set sweep.gpus_per_worker=1", experiment,
+                            ", ".join(unused))
     elif experiment:
         values = to_dict(load_config(experiment))
     else:
@@ -272,7 +278,7 @@ def build_parser(job: Job, description: str) -> argparse.ArgumentParser:
                    help=f"override one config value (repeatable), e.g. --set {job.section}.epochs=5")
     p.add_argument("--out", help=f"folder for {job.table} and the Train runs (default: the sweep folder)")
     p.add_argument("--max-concurrent", type=int,
-                   help="encoders run at once (default: the experiment's sweep.max_concurrent)")
+                   help="encoders run at once (default: the first chosen trial's sweep.max_concurrent)")
     p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS); none: an embedded Ray")
     return p
 

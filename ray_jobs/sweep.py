@@ -171,9 +171,12 @@ def tune_config(cfg: ExperimentConfig) -> tune.TuneConfig:
         search_alg = FinalMetricOptunaSearch(metric=s.metric, mode=s.mode, seed=cfg.train.seed)
     scheduler = None
     if s.scheduler == "asha":
-        # Rungs on the per-epoch training loss: the probe only runs at the end. One more
-        # iteration than epochs, so the last epoch is never cut off before its probe.
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric="train_loss", mode="min",
+        # Rungs on the per-epoch training loss: the probe only runs at the end. Time is the
+        # reported epoch, not Tune's report count: a retried trial reports the epochs since
+        # its last checkpoint again, which would push the count past max_t before its last
+        # epoch. max_t one past the last epoch, so that epoch is never cut off before its
+        # probe; the final report (the probe's) carries no epoch, and ASHA passes it by.
+        scheduler = ASHAScheduler(time_attr="epoch", metric="train_loss", mode="min",
                                   max_t=cfg.train.epochs + 1, grace_period=max(1, cfg.train.epochs // 4))
     return tune.TuneConfig(
         search_alg=search_alg, scheduler=scheduler, num_samples=s.num_samples,

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae.checkpoint import CheckpointError, checkpoint_folders, load_checkpoint, save_checkpoint
+from mae.checkpoint import (
+    CheckpointError, checkpoint_folders, latest_checkpoint, load_checkpoint, save_checkpoint,
+)
 from mae.config import load_config
 from mae.engine import (
     NonFiniteLossError, PretrainCallback, TrainStep, build_model, build_optimizer, load_model, pretrain,
@@ -187,6 +189,15 @@ def test_checkpoint_with_code_is_refused(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"holds a Python object \(.*print\) that safe loading .* not damaged"):
         load_checkpoint(tmp_path / "evil.pt")
     assert "this must not run" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_set_aside_by_a_cut_short_overwrite_is_put_back(tmp_path):
+    folder = save_checkpoint(tmp_path / "checkpoint-0002", {"model": {}, "epoch": 2})
+    folder.rename(tmp_path / ".checkpoint-0002.old")  # as if the overwrite stopped between its renames
+    assert latest_checkpoint(tmp_path) == folder and load_checkpoint(folder)["epoch"] == 2
+    assert not (tmp_path / ".checkpoint-0002.old").exists()
+    save_checkpoint(folder, {"model": {}, "epoch": 3})  # a whole overwrite leaves nothing aside
+    assert load_checkpoint(folder)["epoch"] == 3 and [p.name for p in tmp_path.iterdir()] == ["checkpoint-0002"]
 
 
 def test_a_reference_training_checkpoint_loads_with_its_arguments(tmp_path):

@@ -71,12 +71,15 @@ def test_bad_selection_is_refused_with_exit_status_2(sweep_folder, capsys, argv,
     assert message in capsys.readouterr().err
 
 
-def test_experiment_sections_and_overrides_replace_the_trials_own(sweep_folder, tmp_path):
+def test_experiment_sections_and_overrides_replace_the_trials_own(sweep_folder, tmp_path, caplog):
     experiment = tmp_path / "reuse.yaml"
-    experiment.write_text("model: {name: mae_vit_tiny_patch4}\nmask: {ratio: 0.1}\n"
+    experiment.write_text("model: {name: mae_vit_tiny_patch4}\nmask: {ratio: 0.1}\nsweep: {gpus_per_worker: 1}\n"
                           "probe: {epochs: 7, optimizer: sgd}\nfinetune: {epochs: 3, layer_decay: 0.65}\n")
-    _, targets = reuse.choose(_args("--sweep", str(sweep_folder), "--experiment", str(experiment),
-                                    "--set", "finetune.epochs=4"))
+    with caplog.at_level("WARNING", logger="ray_jobs.reuse"):
+        _, targets = reuse.choose(_args("--sweep", str(sweep_folder), "--experiment", str(experiment),
+                                        "--set", "finetune.epochs=4"))
+    assert "its mask, model, sweep section(s) are not used" in caplog.text  # said, not silently dropped
+    assert targets[0].cfg.sweep.gpus_per_worker == 0.0  # workers sized as the trial's pretraining was
     cfg = targets[0].cfg
     assert cfg.probe.epochs == 7 and cfg.probe.optimizer == "sgd" and cfg.finetune.layer_decay == 0.65
     assert cfg.finetune.epochs == 4  # --set wins over the file

@@ -299,3 +299,56 @@ def test_readme_documents_every_column():
     readme = (REPO / "ray_jobs" / "README.md").read_text()
     for column in results.TRIAL_COLUMNS + results.EPOCH_COLUMNS:
         assert f"`{column.name}`" in readme, f"ray_jobs/README.md does not document {column.name}"
+
+
+def test_workers_that_cannot_fit_beside_their_trial_driver_are_refused(monkeypatch):
+    # Without a trial_driver resource the trial holds 0.01 CPU while its workers wait: two
+    # 1-CPU workers can never start on 2 CPUs, and Ray would retry them for ever.
+    import ray
+
+    from ray_jobs import cluster
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(RuntimeError, match=r"2 CPU \(2 workers x 1\) beside the trial driver's 0.01 CPU"):
+        cluster.check_fits(2, {"CPU": 1.0})
+    cluster.check_fits(2, {"CPU": 0.99})  # they fit beside it
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, cluster.TRIAL_DRIVER: 2.0})
+    cluster.check_fits(2, {"CPU": 1.0})  # the driver takes its own resource
+
+
+def test_asha_counts_epochs_so_a_retried_trial_still_reaches_its_probe():
+    # A retry reports the epochs since its last checkpoint again (here epoch 2): counted in
+    # reports, the last epoch's would be the 4th and hit max_t (epochs + 1), stopping the trial.
+    import types
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from ray_jobs import sweep
+
+    cfg = load_config(SMOKE_SWEEP, ["sweep.scheduler=asha", "train.epochs=3",
+                                    "sweep.space={model.decoder_depth: [1, 2]}"])
+    scheduler = sweep.tune_config(cfg).scheduler
+    trial = types.SimpleNamespace(trial_id="t0")
+    scheduler.on_trial_add(None, trial)
+    actions = [scheduler.on_trial_result(None, trial, {"epoch": e, "train_loss": 1.0, "training_iteration": i + 1})
+               for i, e in enumerate([1, 2, 2, 3])]
+    assert actions == [TrialScheduler.CONTINUE] * 4
+    final = {"train_loss": 1.0, "probe_top1": 0.5, "training_iteration": 5}  # the probe's report: no epoch
+    assert scheduler.on_trial_result(None, trial, final) == TrialScheduler.CONTINUE
+
+
+def test_checkpoint_paths_on_uri_storage_keep_their_scheme():
+    # Ray keeps a checkpoint's path inside its file system: s3://bucket/results/... -> bucket/results/...
+    import types
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from ray_jobs.pretrain import checkpoint_location
+
+    s3 = types.SimpleNamespace(path="bucket/results/train-t0/checkpoint-0005")
+    assert checkpoint_location(s3, "s3://bucket/results") == "s3://bucket/results/train-t0/checkpoint-0005"
+    local = Checkpoint("file:///tmp/results/train-t0/checkpoint-0005")
+    location = checkpoint_location(local, "file:///tmp/results")
+    assert location.startswith("file://") and pafs.FileSystem.from_uri(location)[1] == local.path
+    assert checkpoint_location(Checkpoint("/abs/results/x"), "/abs/results") == "/abs/results/x"
