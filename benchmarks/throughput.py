@@ -17,9 +17,10 @@ noise, so both compute the same loss (checked, and printed).
 Also measured: the device's matrix-product ceiling (bf16 on CUDA, float32 on CPU), the
 FLOPs of one training step per image (torch.utils.flop_counter, our eager model) and so
 the MFU (achieved FLOP/s over the measured ceiling), and peak device memory per variant
-(CUDA only: its weights plus what its warm-up allocated; see time_in_turns). With --check-steps K it also trains ours compiled (at the engine's
-precision) and ours eager in float32 from the same weights on the same batches and
-masks for K steps and reports how far apart the two loss curves are.
+(CUDA only: its weights plus what its warm-up allocated; see time_in_turns). With
+--check-steps K it also trains ours compiled (at the engine's precision) and ours eager
+in float32 from the same weights on the same batches and masks for K steps and reports
+how far apart the two loss curves are.
 
 After warm-up the variants of a config take turns, one step each, and the order rotates,
 so drift in a shared machine's load falls on all alike. The last thing printed is the

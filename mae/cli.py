@@ -109,7 +109,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from mae.engine import model_with_weights, select_device
+    from mae.engine import model_with_weights
     from mae.probe import linear_probe, quick_probe
 
     cfg, payload = _checkpoint_config(args)

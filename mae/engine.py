@@ -30,12 +30,11 @@ from mae.checkpoint import (
     save_checkpoint, set_rng_state,
 )
 from mae.config import (
-    ExperimentConfig, absolute_lr, config_from_dict, derived_values, resolved_model_args, to_dict,
-    uses_cuda_graphs,
+    ExperimentConfig, config_from_dict, derived_values, resolved_model_args, to_dict, uses_cuda_graphs,
 )
 from mae.device_input import Prefetcher, build_pretrain_input, prefetch_depth
 from mae.models import MaskedAutoencoderViT
-from mae.optim import cosine_lr, param_groups, set_lr
+from mae.optim import cosine_lr, fused_kwargs, param_groups, set_lr
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,11 +109,9 @@ def build_model(cfg: ExperimentConfig) -> MaskedAutoencoderViT:
 def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
     """The reference's AdamW (no decay on norms and biases: `param_groups`), fused: torch updates every
     parameter in one kernel (CUDA and CPU) instead of looping over them in Python."""
-    device = next(model.parameters()).device
-    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay), lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-        **({"fused": True} if fused else {}),
+        **fused_kwargs(model),
     )
 
 
@@ -250,7 +247,8 @@ def pretrain(
         raise ValueError(f"an epoch has no optimizer step: lower train.accum_iter ({accum}) or train.batch_size")
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    peak_lr = absolute_lr(cfg, world_size)
+    derived = derived_values(cfg, world_size)  # saved in every checkpoint and the result
+    peak_lr = derived["absolute_lr"]
 
     model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, cfg, peak_lr)
@@ -283,7 +281,7 @@ def pretrain(
     train_step = TrainStep(train_model, optimizer, cfg, device, accum=accum)
 
     depth = prefetch_depth(cfg, device)
-    result = PretrainResult(run_dir=run_dir, epochs=[], derived=derived_values(cfg, world_size))
+    result = PretrainResult(run_dir=run_dir, epochs=[], derived=derived)
     t_run = time.perf_counter()
     images_total = 0
     last_ckpt: Path | None = None
@@ -355,7 +353,7 @@ def pretrain(
                 ckpt = save_checkpoint(run_dir / f"checkpoint-{epoch + 1:04d}", {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "epoch": epoch + 1, "step": step, "rng": rngs, "augment_rng": augment_rngs,
-                    "config": to_dict(cfg), "derived": derived_values(cfg, world_size),
+                    "config": to_dict(cfg), "derived": derived,
                     "history": history, "mae_version": mae.__version__,
                 })
                 prune_checkpoints(run_dir, keep_checkpoints)

@@ -54,7 +54,7 @@ from mae.device_input import Prefetcher, build_train_input, prefetch_depth
 from mae.engine import autocast, autocast_dtype, seed_everything, select_device, stand_in
 from mae.models import MaskedAutoencoderViT
 from mae.models.pos_embed import sincos_2d
-from mae.optim import cosine_lr, set_lr
+from mae.optim import cosine_lr, fused_kwargs, set_lr
 from mae.pretrained import check_compatible, encoder_state, fit_pos_embed
 from mae.probe import num_classes
 
@@ -120,8 +120,7 @@ def optimizer_for(model: VisionTransformer, cfg: ExperimentConfig, lr: float) ->
     f = cfg.finetune
     groups = param_groups_layer_decay(model, weight_decay=f.weight_decay,
                                       no_weight_decay_list=model.no_weight_decay(), layer_decay=f.layer_decay)
-    fused = next(model.parameters()).device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=(f.beta1, f.beta2), **({"fused": True} if fused else {}))
+    return torch.optim.AdamW(groups, lr=lr, betas=(f.beta1, f.beta2), **fused_kwargs(model))
 
 
 def peak_lr(cfg: ExperimentConfig, world_size: int = 1) -> float:

@@ -29,6 +29,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def fused_kwargs(model: nn.Module) -> dict:
+    """AdamW's `fused=True` where torch has the fused kernel for the model's device (CUDA,
+    CPU): one kernel over all parameters instead of a Python loop over them."""
+    return {"fused": True} if next(model.parameters()).device.type in ("cuda", "cpu") else {}
+
+
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0) -> float:
     """Linear warm-up from 0 to lr over warmup_steps, then half a cosine down to min_lr."""
     if step < warmup_steps:

@@ -30,8 +30,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mae.config import ExperimentConfig, flatten
-from mae.results import Column  # one column type for every table: name, Arrow type, meaning
-from mae.results import UnreadableTableError, unreadable_table_message
+# Column: one column type for every table (name, Arrow type, meaning)
+from mae.results import Column, UnreadableTableError, unreadable_table_message
 
 log = logging.getLogger(__name__)
 
