@@ -145,6 +145,7 @@ class FinetuneConfig:
     reprob: float = 0.25  # random erasing: chance per image of one erased rectangle (normal noise); 0: off
     train_subset: int | None = None  # K training images, for quick runs (an ImageFolder's spread over its classes)
     test_subset: int | None = None  # K test images (spread as train_subset's); None: the whole test split
+    checkpoint_every: int = 1  # epochs between checkpoints a run can resume from (with a run folder: Ray jobs)
 
 
 @dataclass(frozen=True)
@@ -398,6 +399,7 @@ def validate(cfg: ExperimentConfig) -> None:
             f"must be positive (or null: the whole test split), got {cfg.probe.test_subset}")
     f = cfg.finetune
     require(f.epochs >= 1, "finetune.epochs", f"must be >= 1, got {f.epochs}")
+    require(f.checkpoint_every >= 1, "finetune.checkpoint_every", f"must be >= 1, got {f.checkpoint_every}")
     require(f.batch_size >= 2 and f.batch_size % 2 == 0, "finetune.batch_size",
             f"must be even and >= 2 (mixup pairs images), got {f.batch_size}")
     require(f.base_lr > 0, "finetune.base_lr", "must be positive")

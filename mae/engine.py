@@ -347,8 +347,8 @@ def pretrain(
         ckpt = None
         last_epoch = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last_epoch:
-            rngs = _gather(rng_state(), world_size)
-            augment_rngs = _gather(augment.state_dict(), world_size, always_list=True) if augment else None
+            rngs = gather_per_rank(rng_state(), world_size)
+            augment_rngs = gather_per_rank(augment.state_dict(), world_size, always_list=True) if augment else None
             if rank == 0:
                 ckpt = save_checkpoint(run_dir / f"checkpoint-{epoch + 1:04d}", {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -436,7 +436,7 @@ def _check_finite(value: float, epoch: int, step: int) -> None:
         )
 
 
-def _gather(state: Any, world_size: int, always_list: bool = False) -> Any:
+def gather_per_rank(state: Any, world_size: int, always_list: bool = False) -> Any:
     """This rank's `state` (its RNG or augmentation-generator state), or every rank's (a list)
     under DDP, so each resumes its own; always_list makes it a list of one without DDP too."""
     if world_size == 1:

@@ -23,7 +23,10 @@ Top-1 is measured on the test split after every epoch. As in pretraining, AdamW 
 checkpoint path of ours or another tool's: see `mae.pretrained`);
 `finetune(cfg, from_scratch=True)` runs the same schedule from a random initialisation,
 the baseline that says whether pretraining helped. Runs under DDP when torch.distributed
-is initialised (Ray Train does that), like the pretraining engine.
+is initialised (Ray Train does that), like the pretraining engine. Given a `run_dir`, it
+checkpoints every `finetune.checkpoint_every` epochs (classifier, optimizer, RNG states,
+the epochs so far) and resumes from the newest checkpoint there, drawing what an
+uninterrupted run would have drawn.
 
 Symbols: N batch, K classes, D encoder width.
 """
@@ -35,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,11 +51,17 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from mae.checkpoint import CheckpointError
-from mae.config import ExperimentConfig, resolved_model_args, uses_cuda_graphs
+import mae
+from mae.checkpoint import (
+    CheckpointError, latest_checkpoint, load_checkpoint, model_state, prune_checkpoints, rng_state, save_checkpoint,
+    set_rng_state,
+)
+from mae.config import ExperimentConfig, resolved_model_args, to_dict, uses_cuda_graphs
 from mae.data import build_dataset, eval_loader
 from mae.device_input import Prefetcher, build_train_input, prefetch_depth
-from mae.engine import autocast, autocast_dtype, seed_everything, select_device, stand_in
+from mae.engine import (
+    autocast, autocast_dtype, gather_per_rank, seed_everything, select_device, stand_in, worker_seed,
+)
 from mae.models import MaskedAutoencoderViT
 from mae.models.pos_embed import sincos_2d
 from mae.optim import cosine_lr, fused_kwargs, set_lr
@@ -61,6 +71,7 @@ from mae.probe import num_classes
 log = logging.getLogger(__name__)
 
 Weights = MaskedAutoencoderViT | dict[str, torch.Tensor] | str | os.PathLike
+CHECKPOINT_KIND = "finetune"  # a fine-tuning checkpoint's "kind", which resuming checks
 
 
 def build_classifier(cfg: ExperimentConfig, classes: int) -> VisionTransformer:
@@ -232,13 +243,21 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
 def finetune(
     cfg: ExperimentConfig, weights: Weights | None = None, from_scratch: bool = False,
     device: torch.device | str | None = None, progress: bool = True,
-    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    on_epoch_end: Callable[[dict[str, float], Path | None], None] | None = None,
+    run_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
+    keep_checkpoints: int = 2,
 ) -> FinetuneResult:
     """Fine-tune end to end as `cfg.finetune` says; top-1 on the test split after each epoch.
 
     weights: the pretrained encoder (our MAE, a state dict or a checkpoint path, ours or
     another tool's); from_scratch=True instead trains the same classifier from random
-    weights. on_epoch_end receives each epoch's metrics (every rank).
+    weights. on_epoch_end(metrics, checkpoint_dir) is called after each epoch on every
+    rank; checkpoint_dir is the folder written after that epoch (rank 0), else None.
+    run_dir: where to write run_dir/checkpoint-EEEE/ every `finetune.checkpoint_every`
+    epochs and after the last (the newest `keep_checkpoints` are kept); a fine-tuning
+    checkpoint already there is resumed. resume_from: a checkpoint folder to resume from
+    instead (Ray hands one over). Without either, nothing is written.
+    Raises CheckpointError for a checkpoint that is not this run's kind.
     """
     if (weights is None) != from_scratch:
         raise ValueError("pass pretrained weights, or from_scratch=True for the random-init baseline (not both)")
@@ -257,20 +276,44 @@ def finetune(
     if len(train) // world_size < f.batch_size:
         raise ValueError(f"finetune.batch_size {f.batch_size} exceeds the {len(train) // world_size} training "
                          "images per process; lower it or raise finetune.train_subset")
+    augment = getattr(to_batch, "augment", None)  # the device pipeline's own generator
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed,
                                  drop_last=True)
+    # the workers' RNGs are seeded per epoch and the workers started afresh, as pretraining's
+    # are (mae.engine.worker_seed): a resumed run draws the crops an uninterrupted one draws
+    worker_rng = torch.Generator()
     train_loader = DataLoader(train, batch_size=f.batch_size, sampler=sampler, drop_last=True,
                               num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                              persistent_workers=cfg.data.num_workers > 0, collate_fn=collate_fn)
+                              persistent_workers=False, collate_fn=collate_fn, generator=worker_rng)
     test_shard = Subset(test, eval_shard(len(test), rank, world_size))
     test_loader = eval_loader(test_shard, max(f.batch_size, 256), cfg.data.num_workers, device, persistent=True)
 
+    init = "scratch" if from_scratch else "pretrained"
+    run_dir = Path(run_dir) if run_dir is not None else None
+    source = Path(resume_from) if resume_from else latest_checkpoint(run_dir) if run_dir is not None else None
+    payload = _resumable(load_checkpoint(source), source, init) if source is not None else None
     model = build_classifier(cfg, classes)
-    if not from_scratch:
+    if not from_scratch and payload is None:
         load_pretrained(model, weights)
     model.to(device)
     lr_peak = peak_lr(cfg, world_size)
     optimizer = optimizer_for(model, cfg, lr_peak)
+    result = FinetuneResult(top1=0.0, best_top1=0.0, init=init, test_images=len(test))
+    start_epoch, step, images, train_time = 0, 0, 0, 0.0
+    if payload is not None:
+        try:
+            model.load_state_dict(model_state(payload), strict=True)
+            optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError) as e:  # another model shape, or other parameter groups
+            raise CheckpointError(f"{source} does not fit this fine-tuning run's model or optimizer ({e}); resume "
+                                  "with the config that wrote it, or start in another run folder") from e
+        start_epoch, step = int(payload["epoch"]), int(payload["step"])
+        images, train_time = int(payload["images"]), float(payload["train_time_s"])
+        result.epochs = list(payload["history"])
+        set_rng_state(payload["rng"][rank])
+        if augment is not None and payload.get("augment_rng") is not None:
+            augment.load_state_dict(payload["augment_rng"][rank])
+        log.info("fine-tuning resumed from %s at epoch %d (step %d)", source, start_epoch, step)
     train_model: nn.Module = model
     if world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -281,11 +324,9 @@ def finetune(
 
     steps_per_epoch = len(train_loader)
     total, warmup = f.epochs * steps_per_epoch, int(round(f.warmup_epochs * steps_per_epoch))
-    result = FinetuneResult(top1=0.0, best_top1=0.0, init="scratch" if from_scratch else "pretrained",
-                            test_images=len(test))
-    step, images, train_time = 0, 0, 0.0
-    for epoch in range(f.epochs):
+    for epoch in range(start_epoch, f.epochs):
         sampler.set_epoch(epoch)
+        worker_rng.manual_seed(worker_seed(cfg.train.seed, rank, epoch))
         train_model.train()
         t_epoch = time.perf_counter()
         loss_sum, n_batches, n_images = torch.zeros((), device=device), 0, 0
@@ -319,8 +360,20 @@ def finetune(
                    "images_per_sec": n_images * world_size / epoch_time}
         result.epochs.append(metrics)
         log.info("finetune epoch %d/%d loss %.4f test top-1 %.4f", epoch + 1, f.epochs, metrics["train_loss"], top1)
+        ckpt = None
+        if run_dir is not None and ((epoch + 1) % f.checkpoint_every == 0 or epoch + 1 == f.epochs):
+            rngs = gather_per_rank(rng_state(), world_size, always_list=True)
+            augment_rngs = gather_per_rank(augment.state_dict(), world_size, always_list=True) if augment else None
+            if rank == 0:
+                ckpt = save_checkpoint(run_dir / f"checkpoint-{epoch + 1:04d}", {
+                    "kind": CHECKPOINT_KIND, "init": init, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "rng": rngs,
+                    "augment_rng": augment_rngs, "history": result.epochs, "images": images,
+                    "train_time_s": train_time, "config": to_dict(cfg), "mae_version": mae.__version__,
+                })
+                prune_checkpoints(run_dir, keep_checkpoints)
         if on_epoch_end is not None:
-            on_epoch_end(dict(metrics))
+            on_epoch_end(dict(metrics), ckpt)
 
     result.top1 = result.epochs[-1]["test_top1"]
     result.best_top1 = max(e["test_top1"] for e in result.epochs)
@@ -328,4 +381,15 @@ def finetune(
     result.images_per_sec = images / train_time if train_time > 0 else 0.0
     result.model = model
     return result
+
+
+def _resumable(payload: dict, source: Path, init: str) -> dict:
+    """payload, if it is a fine-tuning checkpoint of a run with this init; else CheckpointError."""
+    if payload.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{source} is not a fine-tuning checkpoint (a pretraining one, or another tool's); "
+                              "resume from a checkpoint folder that mae.finetune wrote, or start in another run folder")
+    if payload.get("init") != init:
+        raise CheckpointError(f"{source} was written by a fine-tuning run from {payload.get('init')} weights, not "
+                              f"{init} ones; resume it with the same weights setting, or start in another run folder")
+    return payload
 

@@ -88,6 +88,8 @@ PROBE_COLUMNS: list[Column] = _RUN_COLUMNS
 FINETUNE_COLUMNS: list[Column] = _RUN_COLUMNS[:8] + [
     Column("init", pa.string(), "pretrained (the trial's encoder) or scratch (same schedule, random weights)"),
     Column("images_per_sec", pa.float64(), "training throughput, all workers together"),
+    Column("start_epoch", pa.int64(), "the epoch the run's last attempt began at: 0, or that of the checkpoint "
+                                      "it resumed from after a worker failed (seconds counts that attempt alone)"),
 ] + _RUN_COLUMNS[8:]
 # Besides these: the recipe, one column per value of the config section (`probe.*` or
 # `finetune.*`), and `model.name`, `data.dataset`, `train.seed`.

@@ -9,7 +9,9 @@ Chooses trials as `linear_probe.py` does, then runs `mae.finetune.finetune` (tim
 the encoder's weights, layer-wise lr decay, drop path, label smoothing, mixup/cutmix,
 average pooling; `finetune.*` of the experiment sets epochs, batch and lr) in a
 TorchTrainer, DDP over --workers. --from-scratch trains the same classifier with the same
-schedule from random weights, to show what pretraining adds. Rows go to finetune.parquet
+schedule from random weights, to show what pretraining adds. Each run checkpoints every
+`finetune.checkpoint_every` epochs; a failed worker group (up to `sweep.max_failures`
+times) resumes from the last checkpoint rather than from epoch 0. Rows go to finetune.parquet
 in the sweep folder (init: pretrained or scratch); the fine-tuned classifier is saved in
 each row's checkpoint_path. Exit status: 0 all finished, 1 some failed, 2 bad arguments.
 """
@@ -27,5 +29,10 @@ if __name__ == "__main__":
     parser.add_argument("--from-scratch", action="store_true",
                         help="random initial weights instead of the trials' encoders (same schedule)")
     parser.add_argument("--workers", type=int, default=1, help="Train workers (DDP) per encoder (default 1)")
+    testing = parser.add_argument_group("fault injection (tests)")
+    testing.add_argument("--fail-at-epoch", type=int, default=0, metavar="K",
+                         help="kill each run's rank-0 worker once, right after epoch K is reported; it resumes "
+                              "from its last checkpoint (every finetune.checkpoint_every epochs)")
     args = parser.parse_args()
-    sys.exit(main(FINETUNE, None, __doc__, workers=args.workers, from_scratch=args.from_scratch, args=args))
+    sys.exit(main(FINETUNE, None, __doc__, workers=args.workers, from_scratch=args.from_scratch, args=args,
+                  fail_at_epoch=args.fail_at_epoch))

@@ -12,13 +12,16 @@
    (`mae.probe.linear_probe` or `mae.finetune.finetune`) and reports the result with a
    small checkpoint (`result.json`, plus the fine-tuned classifier), since Ray Train V2
    keeps only metrics that come with a checkpoint. The probe's trained head is written
-   beside it, `<run>/probe_head/` (`mae.probe.save_probe_head`, atomic).
+   beside it, `<run>/probe_head/` (`mae.probe.save_probe_head`, atomic). Fine-tuning also
+   reports each epoch, with a checkpoint every `finetune.checkpoint_every` epochs, as
+   pretraining does: a failed worker group (`sweep.max_failures`) resumes from the last one.
 4. Record: one row per (trial, run) in `probe.parquet` / `finetune.parquet` in the sweep
    folder, schema in `mae.results`, rewritten atomically after every run (temporary
    file + rename), so rows of earlier runs are kept and a crash loses no finished run.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -37,7 +40,7 @@ import ray.train
 import ray.train.torch
 import torch
 import yaml
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from mae import results as mae_results
@@ -45,6 +48,7 @@ from mae.checkpoint import CheckpointError, load_checkpoint
 from mae.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, flatten, load_config, to_dict
 from mae.data import CorruptDatasetError, DatasetNotFoundError
 from ray_jobs import cluster
+from ray_jobs.pretrain import FaultInjection, RayReportCallback, checkpoint_epoch
 from ray_jobs.results import UnreadableTableError, read_table, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -174,11 +178,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save_probe_head(loop_config["head_dir"], result.head, cfg, checkpoint)
     else:
         scratch = bool(loop_config["from_scratch"])
-        result = finetune(cfg, weights=None if scratch else checkpoint, from_scratch=scratch, device=device,
-                          progress=False)
+        fault = FaultInjection(**loop_config["fault"]) if loop_config.get("fault") else None
+        resume = ray.train.get_checkpoint()  # set when Ray restarts a failed worker group
+        start_epoch = checkpoint_epoch(resume)  # 0 for none, and for a finished run's "result"
+        with contextlib.ExitStack() as stack:
+            resume_from = stack.enter_context(resume.as_directory()) if start_epoch else None
+            run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"mae-finetune-rank{rank}-"))
+            report = RayReportCallback(rank, world_size, start_epoch, fault)
+            result = finetune(cfg, weights=None if scratch else checkpoint, from_scratch=scratch, device=device,
+                              progress=False, on_epoch_end=report.on_epoch_end, run_dir=run_dir,
+                              resume_from=resume_from)
         history = result.epochs
         classifier = result.model
-        extra = {"init": result.init, "images_per_sec": result.images_per_sec}
+        extra = {"init": result.init, "images_per_sec": result.images_per_sec, "start_epoch": start_epoch}
     metrics = {
         "top1": result.top1, "best_top1": max(h["test_top1"] for h in history), "test_images": result.test_images,
         "final_train_loss": history[-1]["train_loss"], "epochs_completed": len(history),
@@ -196,21 +208,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def run_target(job: Job, target: Target, storage: Path, run_id: str, workers: int,
-               from_scratch: bool = False) -> dict[str, Any]:
-    """One TorchTrainer on one encoder; returns the metrics and the saved result folder."""
+               from_scratch: bool = False, fail_at_epoch: int = 0) -> dict[str, Any]:
+    """One TorchTrainer on one encoder; returns the metrics and the saved result folder.
+
+    fail_at_epoch: fault injection for tests (fine-tuning): rank 0 is killed once after that epoch.
+    """
     s = target.cfg.sweep
     resources, use_gpu = cluster.worker_resources(s.cpus_per_worker, s.gpus_per_worker)
     cluster.check_fits(workers, resources)
     name = f"{job.kind}{'-scratch' if from_scratch else ''}-{target.label}-{run_id}"
     head_dir = storage / name / PROBE_HEAD_DIR  # written by the probe's worker, so storage must be shared
+    fault = {"at_epoch": fail_at_epoch, "marker": str(storage / name / "fault-injected")} if fail_at_epoch else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"kind": job.kind, "config": to_dict(target.cfg), "checkpoint": target.checkpoint,
                            "from_scratch": from_scratch, "threads": max(1, int(s.cpus_per_worker)),
-                           "head_dir": str(head_dir)},
+                           "head_dir": str(head_dir), "fault": fault},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        # the newest checkpoint alone: the epoch to resume from, then the finished run's result
         run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=s.max_failures)),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
     if result.checkpoint is None or not result.metrics:
@@ -284,7 +302,7 @@ def build_parser(job: Job, description: str) -> argparse.ArgumentParser:
 
 
 def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, from_scratch: bool = False,
-         args: argparse.Namespace | None = None) -> int:
+         args: argparse.Namespace | None = None, fail_at_epoch: int = 0) -> int:
     """Choose, run, record; exit status 0 (all finished), 1 (some failed) or 2 (bad arguments)."""
     from ray_jobs.sweep import code_version
 
@@ -301,6 +319,11 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
         if value is not None and value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    too_late = [t.label for t in targets if fail_at_epoch >= t.cfg.finetune.epochs]
+    if fail_at_epoch and too_late:
+        print(f"error: --fail-at-epoch {fail_at_epoch} must be below finetune.epochs ({', '.join(too_late)})",
+              file=sys.stderr)
+        return 2
     concurrent = args.max_concurrent or targets[0].cfg.sweep.max_concurrent
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     version = code_version()
@@ -316,7 +339,7 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
                 log.info("%s %s (%s) from %s", job.kind, target.label,
                          f"rank {target.selected_rank} by {target.selected_by}" if target.trial_id else "checkpoint",
                          target.checkpoint)
-                pending[drive.remote(job, target, folder, run_id, workers, from_scratch)] = target
+                pending[drive.remote(job, target, folder, run_id, workers, from_scratch, fail_at_epoch)] = target
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             target = pending.pop(ref)
             metrics, error = None, None

@@ -33,8 +33,9 @@ PROBE = [
     "--set", "probe.batch_size=64", "--set", "probe.train_subset=128", "--set", "probe.optimizer=sgd",
     "--set", "probe.warmup_epochs=0.5", "--set", "probe.test_subset=200",
 ]
-FINETUNE = [
-    str(REPO / "ray_jobs" / "finetune.py"), "--set", "finetune.epochs=1", "--set", "finetune.batch_size=32",
+FINETUNE = [  # its worker is killed after epoch 1 and resumes from that epoch's checkpoint
+    str(REPO / "ray_jobs" / "finetune.py"), "--fail-at-epoch", "1", "--set", "finetune.epochs=2",
+    "--set", "finetune.batch_size=32",
     "--set", "finetune.train_subset=128", "--set", "finetune.test_subset=200", "--set", "finetune.warmup_epochs=0.5",
 ]
 TIMEOUT_S = 600
@@ -121,7 +122,10 @@ def test_finetune_job_writes_its_row_and_saves_the_classifier(reused_sweep):
 
     (row,) = pq.read_table(reused_sweep["folder"] / results.FINETUNE_FILE).to_pylist()
     assert row["status"] == "FINISHED" and row["init"] == "pretrained" and row["selected_rank"] == 1
-    assert 0.0 <= row["top1"] <= 1.0 and row["finetune.epochs"] == 1 and row["images_per_sec"] > 0
+    assert 0.0 <= row["top1"] <= 1.0 and row["finetune.epochs"] == 2 and row["images_per_sec"] > 0
+    # the retry began at epoch 1's checkpoint, and the run's history came back with it
+    assert row["start_epoch"] == 1 and row["epochs_completed"] == 2
+    assert [e["epoch"] for e in json.loads(row["history"])] == [1, 2]
     assert row["test_images"] == row["finetune.test_subset"] == 200
     saved = torch.load(Path(row["checkpoint_path"]) / "classifier.pt", weights_only=True)
     assert saved["model"]["head.weight"].shape == (10, 96)

@@ -15,7 +15,7 @@ from timm.data.random_erasing import RandomErasing
 
 import mae.finetune
 
-from mae.checkpoint import CheckpointError
+from mae.checkpoint import CheckpointError, checkpoint_folders, load_checkpoint, save_checkpoint
 from mae.config import ConfigError, load_config
 from mae.data import rand_augment
 from mae.device_input import build_train_input
@@ -168,8 +168,8 @@ def test_finetune_config_is_checked():
 def test_finetune_starts_from_the_pretrained_encoder_and_reports_each_epoch(fashion_mnist_dir, pretrained):
     cfg = _cfg("finetune.base_lr=1.0e-9", "finetune.drop_path=0.0")  # weights barely move
     seen = []
-    result = finetune(cfg, pretrained.state_dict(), progress=False, on_epoch_end=seen.append)
-    assert result.init == "pretrained" and len(result.epochs) == 1 and seen == result.epochs
+    result = finetune(cfg, pretrained.state_dict(), progress=False, on_epoch_end=lambda m, c: seen.append((m, c)))
+    assert result.init == "pretrained" and len(result.epochs) == 1 and seen == [(result.epochs[0], None)]
     assert 0.0 <= result.top1 <= 1.0 and result.best_top1 == result.top1
     assert math.isfinite(result.epochs[0]["train_loss"]) and result.images_per_sec > 0
     torch.testing.assert_close(result.model.blocks[1].attn.qkv.weight, pretrained.blocks[1].attn.qkv.weight,
@@ -289,6 +289,56 @@ def test_compiled_finetuning_follows_the_eager_run():
     assert moved > 1e-3  # it trained: the comparison is not of two untouched copies
 
 
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_an_interrupted_finetuning_run_resumes_to_the_uninterrupted_result(fashion_mnist_dir, pretrained, tmp_path):
+    """Every random draw is restored: crops and RandAugment in a DataLoader worker, random
+    erasing, mixup/cutmix (numpy), drop path; so is the cosine schedule's step."""
+    cfg = load_config(SMOKE, [*TINY_FINETUNE, "finetune.train_subset=64", "finetune.test_subset=32", "finetune.epochs=3",
+                              "finetune.reprob=0.5", "finetune.base_lr=0.05", "data.num_workers=1"])
+    weights = pretrained.state_dict()
+    whole = finetune(cfg, weights, device="cpu", progress=False, run_dir=tmp_path / "whole")
+
+    def stop_after_epoch_2(metrics, checkpoint_dir):
+        if metrics["epoch"] == 2:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        finetune(cfg, weights, device="cpu", progress=False, run_dir=tmp_path / "cut", on_epoch_end=stop_after_epoch_2)
+    assert [p.name for p in checkpoint_folders(tmp_path / "cut")] == ["checkpoint-0001", "checkpoint-0002"]
+    seen = []
+    resumed = finetune(cfg, weights, device="cpu", progress=False, run_dir=tmp_path / "cut",
+                       on_epoch_end=lambda m, c: seen.append((m["epoch"], c.name)))
+    assert seen == [(3, "checkpoint-0003")]  # only the epoch that was left
+    assert [e["epoch"] for e in resumed.epochs] == [1, 2, 3]  # the history comes back with the checkpoint
+    for a, b in zip(whole.epochs, resumed.epochs):
+        assert (b["step"], b["train_loss"], b["test_top1"], b["lr"]) == (a["step"], a["train_loss"], a["test_top1"], a["lr"])
+    start = load_pretrained(build_classifier(cfg, 10), weights).state_dict()
+    final = whole.model.state_dict()
+    assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-3  # it trained
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, final[k], rtol=0, atol=1e-6, msg=k)
+    assert [p.name for p in checkpoint_folders(tmp_path / "cut")] == ["checkpoint-0002", "checkpoint-0003"]
+
+
+def test_resuming_refuses_a_checkpoint_of_another_kind_or_init(pretrained, tmp_path):
+    cfg = load_config(SMOKE, ["data.dataset=synthetic", "data.synthetic_size=64", *TINY_FINETUNE,
+                              "finetune.train_subset=64", "finetune.test_subset=32", "finetune.epochs=2",
+                              "finetune.checkpoint_every=2"])
+    finetune(cfg, from_scratch=True, device="cpu", progress=False, run_dir=tmp_path / "scratch")
+    assert [p.name for p in checkpoint_folders(tmp_path / "scratch")] == ["checkpoint-0002"]  # every 2nd epoch
+    with pytest.raises(CheckpointError, match="from scratch weights, not pretrained"):
+        finetune(cfg, pretrained.state_dict(), device="cpu", progress=False, run_dir=tmp_path / "scratch")
+    save_checkpoint(tmp_path / "pretraining" / "checkpoint-0001", {"model": pretrained.state_dict(), "epoch": 1})
+    with pytest.raises(CheckpointError, match="not a fine-tuning checkpoint"):
+        finetune(cfg, pretrained.state_dict(), device="cpu", progress=False, run_dir=tmp_path / "pretraining")
+    with pytest.raises(ConfigError, match="finetune.checkpoint_every"):
+        load_config(SMOKE, ["finetune.checkpoint_every=0"])
+
+
 def test_a_finetuning_step_updates_the_weights_and_leaves_no_gradients_behind():
     # held until the next backward, they would sit through the next forward's activation peak
     cfg = load_config(SMOKE, ["data.dataset=synthetic", *TINY_FINETUNE])
@@ -325,7 +375,7 @@ def _ddp_finetune(rank: int, world_size: int, init_file: str, out: str) -> None:
         torch.manual_seed(0)
         weights = build_mae("mae_vit_micro_patch4").state_dict()  # the same on every rank
         cfg = _cfg("finetune.batch_size=16", "finetune.train_subset=64", "finetune.test_subset=40")
-        result = finetune(cfg, weights, device="cpu", progress=False)
+        result = finetune(cfg, weights, device="cpu", progress=False, run_dir=f"{out}/run")
         torch.save({"top1": result.top1, "steps": result.epochs[-1]["step"],
                     "qkv": result.model.blocks[0].attn.qkv.weight.detach().clone()}, f"{out}/rank{rank}.pt")
     finally:
@@ -339,6 +389,8 @@ def test_finetune_under_ddp_shards_the_data_and_keeps_ranks_in_step(fashion_mnis
     assert r0["steps"] == r1["steps"] == 64 // 2 // 16  # each rank saw its half of the images
     assert r0["top1"] == r1["top1"]  # evaluated on both ranks' shards together
     torch.testing.assert_close(r0["qkv"], r1["qkv"], rtol=0, atol=0)  # gradients were averaged
+    payload = load_checkpoint(tmp_path / "run" / "checkpoint-0001")  # written by rank 0, for both ranks
+    assert len(payload["rng"]) == 2 and not torch.equal(payload["rng"][0]["torch"], payload["rng"][1]["torch"])
 
 
 @pytest.mark.parametrize("n,world_size", [(10, 1), (10, 3), (10000, 3), (5, 8)])
