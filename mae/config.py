@@ -109,6 +109,7 @@ class ProbeConfig:
     crop_scale_min: float = 0.08
     train_subset: int | None = None
     test_subset: int | None = None  # K test images (spread as train_subset's), scored after every epoch; None: all
+    checkpoint_every: int = 1  # epochs between checkpoints a run can resume from (with a run folder: Ray jobs)
 
 
 @dataclass(frozen=True)
@@ -397,6 +398,8 @@ def validate(cfg: ExperimentConfig) -> None:
             f"must be positive (or null: the whole training split), got {cfg.probe.train_subset}")
     require(cfg.probe.test_subset is None or cfg.probe.test_subset > 0, "probe.test_subset",
             f"must be positive (or null: the whole test split), got {cfg.probe.test_subset}")
+    require(cfg.probe.checkpoint_every >= 1, "probe.checkpoint_every",
+            f"must be >= 1, got {cfg.probe.checkpoint_every}")
     f = cfg.finetune
     require(f.epochs >= 1, "finetune.epochs", f"must be >= 1, got {f.epochs}")
     require(f.checkpoint_every >= 1, "finetune.checkpoint_every", f"must be >= 1, got {f.checkpoint_every}")

@@ -9,6 +9,9 @@
   `data.pipeline` as pretraining reads them (CPU workers, GPU decode or a pre-decoded
   store). Its trained head is kept: `save_probe_head` writes it as a checkpoint folder,
   `load_probe_head` reads it back (the frozen encoder it was trained on is not in it).
+  Given a `run_dir`, it checkpoints every `probe.checkpoint_every` epochs (head, optimizer,
+  RNG states, the epochs so far: small, the encoder is not in them) and resumes from the
+  newest one to the result an uninterrupted run gives.
 Both report top-1 on the held-out test split.
 """
 
@@ -18,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,15 +29,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+import mae
+from mae.checkpoint import (
+    CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state,
+)
 from mae.config import ExperimentConfig, to_dict
 from mae.data import build_dataset, collate_skip_none, eval_loader
 from mae.device_input import Prefetcher, ToDevice, build_train_input, prefetch_depth
-from mae.engine import autocast, autocast_dtype, select_device
+from mae.engine import autocast, autocast_dtype, select_device, worker_seed
 from mae.models import MaskedAutoencoderViT
 from mae.optim import cosine_lr, set_lr
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "probe"  # a linear-probe checkpoint's "kind", which resuming checks
 
 
 def num_classes(train: Dataset, test: Dataset) -> int:
@@ -203,9 +212,18 @@ def evaluate(model: MaskedAutoencoderViT, head: nn.Module, loader: DataLoader, d
 
 def linear_probe(
     model: MaskedAutoencoderViT, cfg: ExperimentConfig, device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool = True, on_epoch_end: Callable[[dict[str, float], Path | None], None] | None = None,
+    run_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
+    keep_checkpoints: int = 2,
 ) -> ProbeResult:
-    """The paper's linear probe: frozen encoder, BN + linear head, LARS, cosine with warm-up."""
+    """The paper's linear probe: frozen encoder, BN + linear head, LARS, cosine with warm-up.
+
+    on_epoch_end(metrics, checkpoint_dir) is called after each epoch; checkpoint_dir is the
+    folder written after it, else None. run_dir: where to write run_dir/checkpoint-EEEE/
+    every `probe.checkpoint_every` epochs and after the last (the newest `keep_checkpoints`
+    are kept); a probe checkpoint already there is resumed, with the same frozen encoder
+    (checked). resume_from: a checkpoint folder to resume from instead (Ray hands one over).
+    """
     t0 = time.perf_counter()
     p = cfg.probe
     device = torch.device(device) if device is not None else select_device(cfg.train.device)
@@ -213,8 +231,10 @@ def linear_probe(
     model = model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
+    augment = None
     if p.augment:  # crops and flips where data.pipeline says: CPU workers or the device
         train, collate_fn, to_batch = build_train_input(cfg, device, p.train_subset, p.crop_scale_min)
+        augment = getattr(to_batch, "augment", None)  # the device pipeline's own generator
     else:
         train = build_dataset(cfg, "train", augment=False, subset=p.train_subset)
         collate_fn, to_batch = collate_skip_none, ToDevice(device)
@@ -224,9 +244,12 @@ def linear_probe(
     if len(train) < p.batch_size * accum:
         raise ValueError(f"probe.batch_size {p.batch_size} x probe.accum_iter {accum} exceeds the {len(train)} "
                          "training images: lower either")
+    # shuffled and augmented from a generator reseeded per epoch, with workers started afresh
+    # each epoch (as pretraining's): a resumed probe draws what an uninterrupted one draws
+    epoch_rng = torch.Generator()
     train_loader = DataLoader(train, batch_size=p.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.data.num_workers, collate_fn=collate_fn,
-                              pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+                              pin_memory=device.type == "cuda", persistent_workers=False, generator=epoch_rng)
     test_loader = eval_loader(test, 512, cfg.data.num_workers, device, persistent=True)
     dim = model.cls_token.shape[-1]
     head = LinearProbeHead(dim, classes).to(device)
@@ -235,8 +258,32 @@ def linear_probe(
     steps_per_epoch = len(train_loader) // accum  # optimizer steps
     total, warmup = p.epochs * steps_per_epoch, int(round(p.warmup_epochs * steps_per_epoch))
     dtype = autocast_dtype(cfg, device)  # the frozen encoder's; the head trains in float32
-    result, step = ProbeResult(top1=0.0, test_images=len(test)), 0
-    for epoch in range(p.epochs):
+    result, step, start_epoch = ProbeResult(top1=0.0, test_images=len(test)), 0, 0
+    fingerprint = encoder_fingerprint(model)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    source = Path(resume_from) if resume_from else latest_checkpoint(run_dir) if run_dir is not None else None
+    if source is not None:
+        payload = load_checkpoint(source)
+        if payload.get("kind") != CHECKPOINT_KIND:
+            raise CheckpointError(f"{source} is not a linear-probe checkpoint; resume from a checkpoint folder that "
+                                  "mae.probe.linear_probe wrote, or start in another run folder")
+        if not torch.equal(payload["encoder_fingerprint"], fingerprint):
+            raise CheckpointError(f"{source} was written while probing another encoder; resume with the encoder "
+                                  "it probed, or start in another run folder")
+        try:
+            head.load_state_dict(payload["head"])
+            optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{source} does not fit this probe's head or optimizer ({e}); resume with the "
+                                  "config that wrote it, or start in another run folder") from e
+        start_epoch, step = int(payload["epoch"]), int(payload["step"])
+        result.epochs = list(payload["history"])
+        set_rng_state(payload["rng"])
+        if augment is not None and payload.get("augment_rng") is not None:
+            augment.load_state_dict(payload["augment_rng"])
+        log.info("linear probe resumed from %s at epoch %d (step %d)", source, start_epoch, step)
+    for epoch in range(start_epoch, p.epochs):
+        epoch_rng.manual_seed(worker_seed(cfg.train.seed, 0, epoch))
         head.train()
         loss_sum = torch.zeros((), device=device)
         n_steps = 0
@@ -263,7 +310,26 @@ def linear_probe(
                               "test_top1": top1})
         log.info("probe epoch %d/%d loss %.4f test top-1 %.4f", epoch + 1, p.epochs,
                  result.epochs[-1]["train_loss"], top1)
+        ckpt = None
+        if run_dir is not None and ((epoch + 1) % p.checkpoint_every == 0 or epoch + 1 == p.epochs):
+            ckpt = save_checkpoint(run_dir / f"checkpoint-{epoch + 1:04d}", {
+                "kind": CHECKPOINT_KIND, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1, "step": step, "rng": rng_state(),
+                "augment_rng": augment.state_dict() if augment is not None else None, "history": result.epochs,
+                "encoder_fingerprint": fingerprint, "config": to_dict(cfg), "mae_version": mae.__version__,
+            })
+            prune_checkpoints(run_dir, keep_checkpoints)
+        if on_epoch_end is not None:
+            on_epoch_end(dict(result.epochs[-1]), ckpt)
     result.top1 = result.epochs[-1]["test_top1"]
     result.seconds = time.perf_counter() - t0
     result.head = head.eval()
     return result
+
+
+@torch.no_grad()
+def encoder_fingerprint(model: MaskedAutoencoderViT) -> torch.Tensor:
+    """Float64 sums of the encoder's patch embedding, position table and last block: a probe
+    checkpoint records them, so it is not resumed on top of another encoder."""
+    parts = [model.patch_embed.proj.weight, model.pos_embed, *model.blocks[-1].parameters()]
+    return torch.stack([t.detach().double().sum() for t in parts]).cpu()

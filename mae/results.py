@@ -75,6 +75,8 @@ _RUN_COLUMNS = [
     Column("epochs_completed", pa.int64(), "epochs run"),
     Column("seconds", pa.float64(), "seconds the run took on its worker (data, training, evaluation)"),
     Column("world_size", pa.int64(), "Train workers of the run"),
+    Column("start_epoch", pa.int64(), "the epoch the run's last attempt began at: 0, or that of the checkpoint "
+                                      "it resumed from after a worker failed (seconds counts that attempt alone)"),
     Column("history", pa.string(), "per-epoch metrics as JSON [{epoch, train_loss, test_top1, ...}]"),
     Column("checkpoint_path", pa.string(), "fine-tune: the saved run (classifier.pt, result.json); probe: the "
                                            "trained head (BatchNorm statistics + linear), a checkpoint folder "
@@ -88,8 +90,6 @@ PROBE_COLUMNS: list[Column] = _RUN_COLUMNS
 FINETUNE_COLUMNS: list[Column] = _RUN_COLUMNS[:8] + [
     Column("init", pa.string(), "pretrained (the trial's encoder) or scratch (same schedule, random weights)"),
     Column("images_per_sec", pa.float64(), "training throughput, all workers together"),
-    Column("start_epoch", pa.int64(), "the epoch the run's last attempt began at: 0, or that of the checkpoint "
-                                      "it resumed from after a worker failed (seconds counts that attempt alone)"),
 ] + _RUN_COLUMNS[8:]
 # Besides these: the recipe, one column per value of the config section (`probe.*` or
 # `finetune.*`), and `model.name`, `data.dataset`, `train.seed`.

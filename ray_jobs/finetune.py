@@ -29,10 +29,5 @@ if __name__ == "__main__":
     parser.add_argument("--from-scratch", action="store_true",
                         help="random initial weights instead of the trials' encoders (same schedule)")
     parser.add_argument("--workers", type=int, default=1, help="Train workers (DDP) per encoder (default 1)")
-    testing = parser.add_argument_group("fault injection (tests)")
-    testing.add_argument("--fail-at-epoch", type=int, default=0, metavar="K",
-                         help="kill each run's rank-0 worker once, right after epoch K is reported; it resumes "
-                              "from its last checkpoint (every finetune.checkpoint_every epochs)")
     args = parser.parse_args()
-    sys.exit(main(FINETUNE, None, __doc__, workers=args.workers, from_scratch=args.from_scratch, args=args,
-                  fail_at_epoch=args.fail_at_epoch))
+    sys.exit(main(FINETUNE, None, __doc__, workers=args.workers, from_scratch=args.from_scratch, args=args))

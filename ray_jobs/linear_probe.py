@@ -12,8 +12,10 @@ objective), loads each encoder from its checkpoint and runs `mae.probe.linear_pr
 warm-up; `probe.*` of the experiment sets epochs, batch and lr) in a one-worker
 TorchTrainer. Rows go to probe.parquet in the sweep folder, one per (trial, run), keyed by
 trial_id; each row's checkpoint_path is the trained head (BatchNorm statistics + linear),
-`mae.probe.load_probe_head(path)`. Exit status: 0 all probed, 1 some failed (see the error
-column), 2 bad arguments.
+`mae.probe.load_probe_head(path)`. Each run checkpoints every `probe.checkpoint_every`
+epochs; a failed worker (up to `sweep.max_failures` times) resumes from the last checkpoint
+rather than from epoch 0. Exit status: 0 all probed, 1 some failed (see the error column),
+2 bad arguments.
 """
 
 import sys

@@ -12,9 +12,10 @@
    (`mae.probe.linear_probe` or `mae.finetune.finetune`) and reports the result with a
    small checkpoint (`result.json`, plus the fine-tuned classifier), since Ray Train V2
    keeps only metrics that come with a checkpoint. The probe's trained head is written
-   beside it, `<run>/probe_head/` (`mae.probe.save_probe_head`, atomic). Fine-tuning also
-   reports each epoch, with a checkpoint every `finetune.checkpoint_every` epochs, as
-   pretraining does: a failed worker group (`sweep.max_failures`) resumes from the last one.
+   beside it, `<run>/probe_head/` (`mae.probe.save_probe_head`, atomic). Both also report
+   each epoch, with a checkpoint every `probe.checkpoint_every` / `finetune.checkpoint_every`
+   epochs, as pretraining does: a failed worker group (`sweep.max_failures`) resumes from
+   the last one.
 4. Record: one row per (trial, run) in `probe.parquet` / `finetune.parquet` in the sweep
    folder, schema in `mae.results`, rewritten atomically after every run (temporary
    file + rename), so rows of earlier runs are kept and a crash loses no finished run.
@@ -155,7 +156,11 @@ def choose(args: argparse.Namespace) -> tuple[Path, list[Target]]:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """On every worker: load the encoder, run the job through `mae`, report the result with a checkpoint."""
+    """On every worker: load the encoder, run the job through `mae`, report the result with a checkpoint.
+
+    Each epoch is reported too, with the checkpoint the library wrote after it (rank 0);
+    a worker group Ray restarts resumes from the last one.
+    """
     from mae.engine import build_model
     from mae.finetune import finetune
     from mae.pretrained import load_encoder
@@ -167,30 +172,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     checkpoint = loop_config["checkpoint"]
+    fault = FaultInjection(**loop_config["fault"]) if loop_config.get("fault") else None
+    resume = ray.train.get_checkpoint()  # set when Ray restarts a failed worker group
+    start_epoch = checkpoint_epoch(resume)  # 0 for none (and for a finished run's "result")
     t0 = time.perf_counter()
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"start_epoch": start_epoch}
     classifier = None
-    if loop_config["kind"] == "probe":
-        encoder = load_encoder(build_model(cfg), checkpoint)
-        result = linear_probe(encoder, cfg, device=device, progress=False)
-        history = result.epochs
-        if rank == 0:
-            save_probe_head(loop_config["head_dir"], result.head, cfg, checkpoint)
-    else:
-        scratch = bool(loop_config["from_scratch"])
-        fault = FaultInjection(**loop_config["fault"]) if loop_config.get("fault") else None
-        resume = ray.train.get_checkpoint()  # set when Ray restarts a failed worker group
-        start_epoch = checkpoint_epoch(resume)  # 0 for none, and for a finished run's "result"
-        with contextlib.ExitStack() as stack:
-            resume_from = stack.enter_context(resume.as_directory()) if start_epoch else None
-            run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"mae-finetune-rank{rank}-"))
-            report = RayReportCallback(rank, world_size, start_epoch, fault)
+    with contextlib.ExitStack() as stack:
+        resume_from = stack.enter_context(resume.as_directory()) if start_epoch else None
+        run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"mae-{loop_config['kind']}-rank{rank}-"))
+        report = RayReportCallback(rank, world_size, start_epoch, fault)
+        if loop_config["kind"] == "probe":
+            encoder = load_encoder(build_model(cfg), checkpoint)
+            result = linear_probe(encoder, cfg, device=device, progress=False, on_epoch_end=report.on_epoch_end,
+                                  run_dir=run_dir, resume_from=resume_from)
+            if rank == 0:
+                save_probe_head(loop_config["head_dir"], result.head, cfg, checkpoint)
+        else:
+            scratch = bool(loop_config["from_scratch"])
             result = finetune(cfg, weights=None if scratch else checkpoint, from_scratch=scratch, device=device,
                               progress=False, on_epoch_end=report.on_epoch_end, run_dir=run_dir,
                               resume_from=resume_from)
-        history = result.epochs
-        classifier = result.model
-        extra = {"init": result.init, "images_per_sec": result.images_per_sec, "start_epoch": start_epoch}
+            classifier = result.model
+            extra |= {"init": result.init, "images_per_sec": result.images_per_sec}
+    history = result.epochs
     metrics = {
         "top1": result.top1, "best_top1": max(h["test_top1"] for h in history), "test_images": result.test_images,
         "final_train_loss": history[-1]["train_loss"], "epochs_completed": len(history),
@@ -211,7 +216,7 @@ def run_target(job: Job, target: Target, storage: Path, run_id: str, workers: in
                from_scratch: bool = False, fail_at_epoch: int = 0) -> dict[str, Any]:
     """One TorchTrainer on one encoder; returns the metrics and the saved result folder.
 
-    fail_at_epoch: fault injection for tests (fine-tuning): rank 0 is killed once after that epoch.
+    fail_at_epoch: fault injection for tests: rank 0 is killed once after that epoch.
     """
     s = target.cfg.sweep
     resources, use_gpu = cluster.worker_resources(s.cpus_per_worker, s.gpus_per_worker)
@@ -298,11 +303,15 @@ def build_parser(job: Job, description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int,
                    help="encoders run at once (default: the first chosen trial's sweep.max_concurrent)")
     p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS); none: an embedded Ray")
+    testing = p.add_argument_group("fault injection (tests)")
+    testing.add_argument("--fail-at-epoch", type=int, default=0, metavar="K",
+                         help="kill each run's rank-0 worker once, right after epoch K is reported; it resumes "
+                              f"from its last checkpoint (every {job.section}.checkpoint_every epochs)")
     return p
 
 
 def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, from_scratch: bool = False,
-         args: argparse.Namespace | None = None, fail_at_epoch: int = 0) -> int:
+         args: argparse.Namespace | None = None) -> int:
     """Choose, run, record; exit status 0 (all finished), 1 (some failed) or 2 (bad arguments)."""
     from ray_jobs.sweep import code_version
 
@@ -319,9 +328,10 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
         if value is not None and value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
-    too_late = [t.label for t in targets if fail_at_epoch >= t.cfg.finetune.epochs]
+    fail_at_epoch = args.fail_at_epoch
+    too_late = [t.label for t in targets if fail_at_epoch >= getattr(t.cfg, job.section).epochs]
     if fail_at_epoch and too_late:
-        print(f"error: --fail-at-epoch {fail_at_epoch} must be below finetune.epochs ({', '.join(too_late)})",
+        print(f"error: --fail-at-epoch {fail_at_epoch} must be below {job.section}.epochs ({', '.join(too_late)})",
               file=sys.stderr)
         return 2
     concurrent = args.max_concurrent or targets[0].cfg.sweep.max_concurrent

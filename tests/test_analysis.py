@@ -77,7 +77,7 @@ def test_probe_job_writes_one_row_per_chosen_trial(reused_sweep):
     assert [r["selected_rank"] for r in rows] == [1, 2] and len({r["run_id"] for r in rows}) == 1
     for row in rows:
         assert row["status"] == "FINISHED", row["error"]
-        assert 0.0 < row["top1"] <= 1.0 and row["epochs_completed"] == 1
+        assert 0.0 < row["top1"] <= 1.0 and row["epochs_completed"] == 1 and row["start_epoch"] == 0
         assert row["probe.epochs"] == 1 and row["probe.optimizer"] == "sgd"  # --set reached the recipe
         assert row["test_images"] == row["probe.test_subset"] == 200
         assert row["selected_by"] == "probe_top1" and row["source_checkpoint"].endswith("checkpoint-0001")

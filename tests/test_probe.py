@@ -75,3 +75,58 @@ def test_accumulation_needs_whole_steps():
         linear_probe(build_mae("mae_vit_micro_patch4"), cfg, device="cpu", progress=False)
     with pytest.raises(ConfigError, match="probe.accum_iter"):
         load_config(None, ["probe.accum_iter=0"])
+
+
+# -- resuming ------------------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _encoder(seed: int):
+    torch.manual_seed(seed)
+    return build_mae("mae_vit_micro_patch4")
+
+
+@pytest.mark.slow
+def test_an_interrupted_probe_resumes_to_the_uninterrupted_result(fashion_mnist_dir, tmp_path):
+    """The shuffle and the crops (in a DataLoader worker) of every epoch are drawn again as
+    they were; the head, its optimizer and the schedule's step come back with the checkpoint."""
+    cfg = load_config(None, ["model.name=mae_vit_micro_patch4", "probe.epochs=3", "probe.batch_size=32",
+                             "probe.train_subset=96", "probe.test_subset=64", "probe.optimizer=sgd",
+                             "probe.base_lr=1.0", "probe.warmup_epochs=0", "data.num_workers=1"])
+    whole = linear_probe(_encoder(0), cfg, device="cpu", progress=False, run_dir=tmp_path / "whole")
+
+    def stop_after_epoch_2(metrics, checkpoint_dir):
+        if metrics["epoch"] == 2:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        linear_probe(_encoder(0), cfg, device="cpu", progress=False, run_dir=tmp_path / "cut",
+                     on_epoch_end=stop_after_epoch_2)
+    seen = []
+    resumed = linear_probe(_encoder(0), cfg, device="cpu", progress=False, run_dir=tmp_path / "cut",
+                           on_epoch_end=lambda m, c: seen.append((m["epoch"], c.name)))
+    assert seen == [(3, "checkpoint-0003")]  # only the epoch that was left
+    assert resumed.epochs == whole.epochs and len(whole.epochs) == 3  # losses and top-1, every epoch
+    from mae.checkpoint import load_checkpoint
+
+    after_2 = load_checkpoint(tmp_path / "whole" / "checkpoint-0002")["head"]["fc.weight"]
+    assert (whole.head.fc.weight - after_2).abs().max() > 1e-3  # epoch 3 trained: not two untouched heads
+    for k, v in resumed.head.state_dict().items():
+        torch.testing.assert_close(v, whole.head.state_dict()[k], rtol=0, atol=1e-6, msg=k)
+
+    with pytest.raises(mae.probe.CheckpointError, match="another encoder"):
+        linear_probe(_encoder(1), cfg, device="cpu", progress=False, run_dir=tmp_path / "cut")
+
+
+def test_a_probe_does_not_resume_from_another_kind_of_checkpoint(tmp_path):
+    from mae.checkpoint import save_checkpoint
+
+    cfg = load_config(None, [*SYNTHETIC, "probe.batch_size=8"])
+    save_checkpoint(tmp_path / "checkpoint-0001", {"kind": "finetune", "epoch": 1})
+    with pytest.raises(mae.probe.CheckpointError, match="not a linear-probe checkpoint"):
+        linear_probe(_encoder(0), cfg, device="cpu", progress=False, run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="probe.checkpoint_every"):
+        load_config(None, ["probe.checkpoint_every=0"])
