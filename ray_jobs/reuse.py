@@ -94,11 +94,12 @@ FINETUNE = Job("finetune", mae_results.FINETUNE_FILE, mae_results.finetune_schem
 # -- choosing encoders and their configs ---------------------------------------------------
 
 
-def config_for(checkpoint: str, experiment: str | None, overrides: list[str]) -> ExperimentConfig:
+def config_for(checkpoint: str, experiment: str | None, overrides: list[str], warn: bool = True) -> ExperimentConfig:
     """The checkpoint's own config with --experiment's data/probe/finetune sections and --set applied.
 
     A checkpoint without a config (another tool's) takes the whole --experiment.
-    Raises ConfigError (bad values, or a foreign checkpoint without --experiment).
+    warn: log the --experiment sections a checkpoint's own config keeps (once per job: the
+    first target). Raises ConfigError (bad values, or a foreign checkpoint without --experiment).
     """
     payload = load_checkpoint(checkpoint)
     if "config" in payload:
@@ -107,7 +108,7 @@ def config_for(checkpoint: str, experiment: str | None, overrides: list[str]) ->
             file_values = to_dict(load_config(experiment))
             values = {**values, **{s: file_values[s] for s in REPLACED_SECTIONS}}
             unused = sorted(set(yaml.safe_load(Path(experiment).read_text()) or {}) - {*REPLACED_SECTIONS, "name"})
-            if unused:  # the sweep section too: workers are sized as the trial's own pretraining was
+            if unused and warn:  # the sweep section too: workers are sized as the trial's own pretraining was
                 log.warning("%s: its %s section(s) are not used for a sweep's trials, which keep their own; "
                             "change one with --set, e.g. --set sweep.gpus_per_worker=1", experiment,
                             ", ".join(unused))
@@ -125,8 +126,9 @@ def choose(args: argparse.Namespace) -> tuple[Path, list[Target]]:
         if not args.experiment:
             raise ConfigError("--checkpoint needs --experiment: the model, data and recipe to run it with")
         out = Path(args.out or Path(mae_results.DEFAULT_ROOT) / f"reuse-{load_config(args.experiment).name}")
-        return out.resolve(), [Target(str(Path(c).resolve()), config_for(c, args.experiment, args.overrides))
-                               for c in args.checkpoint]
+        return out.resolve(), [Target(str(Path(c).resolve()), config_for(c, args.experiment, args.overrides,
+                                                                         warn=i == 0))
+                               for i, c in enumerate(args.checkpoint)]
     try:
         folder = mae_results.results_dir(args.sweep)
     except mae_results.ResultsNotFoundError as e:
@@ -146,7 +148,7 @@ def choose(args: argparse.Namespace) -> tuple[Path, list[Target]]:
         checkpoint = row["checkpoint_path"]
         if not checkpoint:
             raise ConfigError(f"trial {row['trial_id']} has no checkpoint_path in trials.parquet")
-        targets.append(Target(checkpoint, config_for(checkpoint, args.experiment, args.overrides),
+        targets.append(Target(checkpoint, config_for(checkpoint, args.experiment, args.overrides, warn=rank == 1),
                               trial_id=row["trial_id"], selected_by=metric, selected_value=float(row[metric]),
                               selected_rank=rank))
     return Path(args.out).resolve() if args.out else folder.resolve(), targets

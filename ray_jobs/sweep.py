@@ -276,7 +276,8 @@ def build_parser(default_experiment: str, description: str) -> argparse.Argument
                                      "began on this machine); without one, an embedded Ray is started")
     testing = p.add_argument_group("fault injection (tests)")
     testing.add_argument("--fail-at-epoch", type=int, default=0, metavar="K",
-                         help="kill each trial's rank-0 worker once, right after epoch K's checkpoint")
+                         help="kill each trial's rank-0 worker once, right after epoch K is reported; it "
+                              "resumes from its last checkpoint (every train.checkpoint_every epochs)")
     testing.add_argument("--interrupt-after", type=int, default=0, metavar="N",
                          help="interrupt the sweep (as Ctrl-C) once N trials have finished")
     return p

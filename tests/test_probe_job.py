@@ -77,8 +77,10 @@ def test_experiment_sections_and_overrides_replace_the_trials_own(sweep_folder, 
                           "probe: {epochs: 7, optimizer: sgd}\nfinetune: {epochs: 3, layer_decay: 0.65}\n")
     with caplog.at_level("WARNING", logger="ray_jobs.reuse"):
         _, targets = reuse.choose(_args("--sweep", str(sweep_folder), "--experiment", str(experiment),
-                                        "--set", "finetune.epochs=4"))
-    assert "its mask, model, sweep section(s) are not used" in caplog.text  # said, not silently dropped
+                                        "--set", "finetune.epochs=4", "--top-k", "3"))
+    assert len(targets) == 3
+    # said (not silently dropped), and once, not once per chosen trial
+    assert caplog.text.count("its mask, model, sweep section(s) are not used") == 1
     assert targets[0].cfg.sweep.gpus_per_worker == 0.0  # workers sized as the trial's pretraining was
     cfg = targets[0].cfg
     assert cfg.probe.epochs == 7 and cfg.probe.optimizer == "sgd" and cfg.finetune.layer_decay == 0.65
