@@ -19,6 +19,8 @@
 4. Record: one row per (trial, run) in `probe.parquet` / `finetune.parquet` in the sweep
    folder, schema in `mae.results`, rewritten atomically after every run (temporary
    file + rename), so rows of earlier runs are kept and a crash loses no finished run.
+   `--resume RUN_ID` continues a run: its finished encoders are skipped, the others run
+   again under their Train run names (Ray continues each from its last checkpoint).
 """
 
 import argparse
@@ -261,10 +263,23 @@ class RunTable:
         self.rows = existing.to_pylist() if existing is not None else []
 
     def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
+        """Append row, replacing an earlier row of the same run and encoder (a resumed run's ERROR)."""
+        self.rows = [r for r in self.rows if row_key(r) != row_key(row)] + [row]
         schema = self.job.schema
         table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in self.rows], schema=schema)
         write_table_atomic(table, self.path)
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """What one row stands for: a run of the job on one encoder (and init, for fine-tuning)."""
+    return row["run_id"], row["trial_id"], row["source_checkpoint"], row.get("init")
+
+
+def finished_in(table: RunTable, job: Job, run_id: str, targets: list[Target], from_scratch: bool) -> list[Target]:
+    """The targets that run `run_id` already finished (a FINISHED row in the table)."""
+    init = ("scratch" if from_scratch else "pretrained") if job.kind == "finetune" else None
+    done = {row_key(r) for r in table.rows if r["run_id"] == run_id and r["status"] == FINISHED}
+    return [t for t in targets if (run_id, t.trial_id, t.checkpoint, init) in done]
 
 
 def make_row(job: Job, target: Target, run_id: str, sweep: str, version: str, metrics: dict[str, Any] | None,
@@ -305,6 +320,10 @@ def build_parser(job: Job, description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int,
                    help="encoders run at once (default: the first chosen trial's sweep.max_concurrent)")
     p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS); none: an embedded Ray")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="continue an interrupted or failed run (its run_id, printed when it starts and in the "
+                        "table): with the same selection, the encoders it finished are kept, the others continue "
+                        "from their last checkpoints")
     testing = p.add_argument_group("fault injection (tests)")
     testing.add_argument("--fail-at-epoch", type=int, default=0, metavar="K",
                          help="kill each run's rank-0 worker once, right after epoch K is reported; it resumes "
@@ -337,9 +356,41 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
               file=sys.stderr)
         return 2
     concurrent = args.max_concurrent or targets[0].cfg.sweep.max_concurrent
-    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run_id = args.resume or datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + \
+        uuid.uuid4().hex[:6]
+    if args.resume:
+        if not any(r["run_id"] == run_id for r in table.rows) and not any(folder.glob(f"{job.kind}*-{run_id}")):
+            print(f"error: --resume {run_id}: no {job.kind} run of that id in {folder} (no row in {job.table}, no "
+                  f"Train run folder); the id is the run_id column's value, printed when the run started",
+                  file=sys.stderr)
+            return 2
+        done = finished_in(table, job, run_id, targets, from_scratch)
+        targets = [t for t in targets if t not in done]
+        log.info("resuming %s run %s: %d encoder(s) finished before, %d to run", job.kind, run_id, len(done),
+                 len(targets))
+    else:
+        log.info("%s run %s; if it is interrupted, add --resume %s to the same command", job.kind, run_id, run_id)
     version = code_version()
-    cluster.init_ray(args.address, trial_drivers=concurrent)
+    if targets:
+        failed = run_all(job, targets, table, folder, run_id, version, args.address, concurrent, workers,
+                         from_scratch, fail_at_epoch)
+    else:
+        failed = 0
+    shown = ["trial_id", "selected_rank", "selected_value", *(["init"] if job.kind == "finetune" else []),
+             "status", "top1", "best_top1", "epochs_completed", "seconds"]
+    rows = sorted((r for r in table.rows if r["run_id"] == run_id), key=lambda r: r["selected_rank"] or 0)
+    print()
+    print(f"{job.kind} run {run_id}: {len(rows)} encoder(s), {failed} failed")
+    for r in rows:
+        print("  " + "  ".join(f"{k}={_short(r.get(k))}" for k in shown))
+    print(f"table: {table.path}")
+    return 1 if failed else 0
+
+
+def run_all(job: Job, targets: list[Target], table: RunTable, folder: Path, run_id: str, version: str,
+            address: str | None, concurrent: int, workers: int, from_scratch: bool, fail_at_epoch: int) -> int:
+    """Run every target on Ray, `concurrent` at once, adding each one's row as it ends; the failures' count."""
+    cluster.init_ray(address, trial_drivers=concurrent)
     # Each encoder's TorchTrainer is driven from a light Ray task holding a trial_driver
     # unit (as a sweep's trials are), so `concurrent` of them train at once.
     drive = ray.remote(run_target).options(max_retries=0, **_driver_options())
@@ -365,15 +416,7 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    shown = ["trial_id", "selected_rank", "selected_value", *(["init"] if job.kind == "finetune" else []),
-             "status", "top1", "best_top1", "epochs_completed", "seconds"]
-    rows = sorted((r for r in table.rows if r["run_id"] == run_id), key=lambda r: r["selected_rank"] or 0)
-    print()
-    print(f"{job.kind} run {run_id}: {len(rows)} encoder(s), {failed} failed")
-    for r in rows:
-        print("  " + "  ".join(f"{k}={_short(r.get(k))}" for k in shown))
-    print(f"table: {table.path}")
-    return 1 if failed else 0
+    return failed
 
 
 def _driver_options() -> dict[str, Any]:

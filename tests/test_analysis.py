@@ -131,6 +131,23 @@ def test_finetune_job_writes_its_row_and_saves_the_classifier(reused_sweep):
     assert saved["model"]["head.weight"].shape == (10, 96)
 
 
+def test_a_failed_probe_run_resumes_from_its_checkpoint(reused_sweep, tmp_path):
+    """No retries (sweep.max_failures 0): the run fails after epoch 1's checkpoint, with an
+    ERROR row; --resume with its run_id continues that Train run from the checkpoint."""
+    assert reused_sweep["sweep"].returncode == 0, "the smoke sweep failed"
+    from mae import results
+
+    args = [*PROBE, "--sweep", str(reused_sweep["folder"]), "--top-k", "1", "--out", str(tmp_path),
+            "--set", "probe.epochs=2", "--set", "sweep.max_failures=0"]
+    assert _run([*args, "--fail-at-epoch", "1"], cwd=tmp_path).returncode == 1
+    (failed,) = pq.read_table(tmp_path / results.PROBE_FILE).to_pylist()
+    assert failed["status"] == "ERROR" and failed["error"]
+    assert _run([*args, "--resume", failed["run_id"]], cwd=tmp_path).returncode == 0
+    (row,) = pq.read_table(tmp_path / results.PROBE_FILE).to_pylist()  # the ERROR row is replaced
+    assert (row["run_id"], row["trial_id"], row["status"]) == (failed["run_id"], failed["trial_id"], "FINISHED")
+    assert row["start_epoch"] == 1 and row["epochs_completed"] == 2
+
+
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
     """A kernelspec for this interpreter, found first via JUPYTER_PATH: a machine-wide `python3`

@@ -154,3 +154,31 @@ def test_the_saved_probe_head_predicts_as_the_trained_one(tmp_path, fashion_mnis
         feats = encoder.forward_features(imgs, pool=cfg.probe.pool)  # (32, D)
         assert torch.equal(head(feats), result.head(feats))
     assert result.head.bn.running_var.ne(1).any()  # the statistics of training features, not BatchNorm's init
+
+
+def test_a_resumed_run_keeps_what_it_finished_and_replaces_its_error_rows(sweep_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--sweep", str(sweep_folder), "--top-k", "2", "--out", str(out)]
+    assert reuse.main(reuse.PROBE, [*argv, "--resume", "20261129T000000Z-abcdef"], "") == 2  # before Ray
+    assert "no probe run of that id" in capsys.readouterr().err
+    _, (first, second) = reuse.choose(_args(*argv))
+    table = reuse.RunTable(reuse.PROBE, out)
+    table.add(reuse.make_row(reuse.PROBE, first, "r1", "ratios", "git:abc", {"top1": 0.5}, None, False))
+    table.add(reuse.make_row(reuse.PROBE, second, "r1", "ratios", "git:abc", None, "killed", False))
+    table.add(reuse.make_row(reuse.PROBE, second, "r0", "ratios", "git:abc", {"top1": 0.4}, None, False))
+    assert reuse.finished_in(table, reuse.PROBE, "r1", [first, second], False) == [first]
+    assert reuse.finished_in(table, reuse.PROBE, "r0", [first, second], False) == [second]
+    assert reuse.finished_in(table, reuse.FINETUNE, "r1", [first, second], False) == []  # rows without init
+
+    table.add(reuse.make_row(reuse.PROBE, second, "r1", "ratios", "git:abc", {"top1": 0.6}, None, False))
+    rows = reuse.RunTable(reuse.PROBE, out).rows  # as written
+    assert [(r["run_id"], r["trial_id"], r["status"]) for r in rows] == [
+        ("r1", first.trial_id, "FINISHED"), ("r0", second.trial_id, "FINISHED"), ("r1", second.trial_id, "FINISHED")]
+    assert rows[-1]["error"] is None and rows[-1]["top1"] == 0.6  # the retried encoder's ERROR row is replaced
+
+    import ray
+
+    assert reuse.main(reuse.PROBE, [*argv, "--resume", "r1"], "") == 0  # nothing left to run: no Ray started
+    assert not ray.is_initialized()
+    printed = capsys.readouterr().out
+    assert "probe run r1: 2 encoder(s), 0 failed" in printed
