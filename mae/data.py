@@ -195,10 +195,14 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
     process of this project's CPU machine read 420-500 500x375 JPEGs/s through the eval
     transform (2 workers: 800), so about 2 minutes for ImageNet's 50,000. persistent: keep
     the workers between passes (per-epoch evaluation) instead of starting them each time.
+    Its own generator: the seed a DataLoader draws for its workers on each new pass (once,
+    with persistent workers) does not come from the global RNG, so evaluating leaves the
+    training's random draws, and a resumed run's, as they were.
     """
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none, num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda", persistent_workers=persistent and num_workers > 0,
+        generator=torch.Generator(),
     )
 
 

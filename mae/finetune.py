@@ -58,7 +58,7 @@ from mae.checkpoint import (
 )
 from mae.config import ExperimentConfig, resolved_model_args, to_dict, uses_cuda_graphs
 from mae.data import build_dataset, eval_loader
-from mae.device_input import Prefetcher, build_train_input, prefetch_depth
+from mae.device_input import Prefetcher, ToDevice, build_train_input, prefetch_depth
 from mae.engine import (
     autocast, autocast_dtype, gather_per_rank, seed_everything, select_device, stand_in, worker_seed,
 )
@@ -256,7 +256,8 @@ def finetune(
     run_dir: where to write run_dir/checkpoint-EEEE/ every `finetune.checkpoint_every`
     epochs and after the last (the newest `keep_checkpoints` are kept); a fine-tuning
     checkpoint already there is resumed. resume_from: a checkpoint folder to resume from
-    instead (Ray hands one over). Without either, nothing is written.
+    instead (Ray hands one over). Without either, nothing is written. Under DDP every rank
+    passes a run_dir (gathering the ranks' RNG states is collective); rank 0 writes.
     Raises CheckpointError for a checkpoint that is not this run's kind.
     """
     if (weights is None) != from_scratch:
@@ -307,6 +308,9 @@ def finetune(
         except (RuntimeError, ValueError) as e:  # another model shape, or other parameter groups
             raise CheckpointError(f"{source} does not fit this fine-tuning run's model or optimizer ({e}); resume "
                                   "with the config that wrote it, or start in another run folder") from e
+        if len(payload["rng"]) != world_size:  # one RNG state per rank; the lr and the shards follow the count
+            raise CheckpointError(f"{source} was written by {len(payload['rng'])} process(es), and this run has "
+                                  f"{world_size}; resume it with as many (--workers)")
         start_epoch, step = int(payload["epoch"]), int(payload["step"])
         images, train_time = int(payload["images"]), float(payload["train_time_s"])
         result.epochs = list(payload["history"])
@@ -322,6 +326,13 @@ def finetune(
     train_step = FinetuneStep(train_model, optimizer, cfg, device, classes)
     dtype = autocast_dtype(cfg, device)
 
+    depth = prefetch_depth(cfg, device)
+    if depth and cfg.data.num_workers == 0 and isinstance(to_batch, ToDevice):
+        # the crops and RandAugment would run in the prefetch thread, drawing from torch's and
+        # Python's global RNGs while this thread draws random erasing and mixup from Python's and
+        # numpy's: interleaved by timing, so no run (nor resume) would draw the same twice
+        log.info("data.num_workers 0: fine-tuning's training images are augmented inline, without prefetching")
+        depth = 0
     steps_per_epoch = len(train_loader)
     total, warmup = f.epochs * steps_per_epoch, int(round(f.warmup_epochs * steps_per_epoch))
     for epoch in range(start_epoch, f.epochs):
@@ -331,7 +342,7 @@ def finetune(
         t_epoch = time.perf_counter()
         loss_sum, n_batches, n_images = torch.zeros((), device=device), 0, 0
         last = None
-        with Prefetcher(train_loader, to_batch, device, prefetch_depth(cfg, device)) as batches:
+        with Prefetcher(train_loader, to_batch, device, depth) as batches:
             bar = tqdm(batches, total=steps_per_epoch, desc=f"finetune {epoch + 1}/{f.epochs}", leave=False,
                        disable=not (progress and rank == 0))
             for it, (imgs, y) in enumerate(bar):

@@ -11,7 +11,7 @@
   `load_probe_head` reads it back (the frozen encoder it was trained on is not in it).
   Given a `run_dir`, it checkpoints every `probe.checkpoint_every` epochs (head, optimizer,
   RNG states, the epochs so far: small, the encoder is not in them) and resumes from the
-  newest one to the result an uninterrupted run gives.
+  newest one, drawing what an uninterrupted run would have drawn.
 Both report top-1 on the held-out test split.
 """
 
@@ -332,4 +332,4 @@ def encoder_fingerprint(model: MaskedAutoencoderViT) -> torch.Tensor:
     """Float64 sums of the encoder's patch embedding, position table and last block: a probe
     checkpoint records them, so it is not resumed on top of another encoder."""
     parts = [model.patch_embed.proj.weight, model.pos_embed, *model.blocks[-1].parameters()]
-    return torch.stack([t.detach().double().sum() for t in parts]).cpu()
+    return torch.stack([t.detach().cpu().double().sum() for t in parts])  # on the CPU: the same on any device

@@ -60,7 +60,8 @@ class Column:
 _RUN_COLUMNS = [
     Column("trial_id", pa.string(), "the sweep trial whose encoder was used (joins trials.parquet); "
                                     "null for a checkpoint given with --checkpoint"),
-    Column("run_id", pa.string(), "one invocation of the job (UTC time + random suffix); with trial_id, the key"),
+    Column("run_id", pa.string(), "one run of the job (UTC time + random suffix; --resume RUN_ID continues "
+                                  "it); with trial_id, the key"),
     Column("sweep", pa.string(), "sweep name (the sweep folder's name)"),
     Column("source_checkpoint", pa.string(), "the pretrained checkpoint the encoder was loaded from"),
     Column("selected_by", pa.string(), "trials.parquet column the trial was chosen by (the sweep's objective)"),
@@ -76,7 +77,8 @@ _RUN_COLUMNS = [
     Column("seconds", pa.float64(), "seconds the run took on its worker (data, training, evaluation)"),
     Column("world_size", pa.int64(), "Train workers of the run"),
     Column("start_epoch", pa.int64(), "the epoch the run's last attempt began at: 0, or that of the checkpoint "
-                                      "it resumed from after a worker failed (seconds counts that attempt alone)"),
+                                      "it resumed from (a worker failed, or --resume; seconds counts that attempt "
+                                      "alone)"),
     Column("history", pa.string(), "per-epoch metrics as JSON [{epoch, train_loss, test_top1, ...}]"),
     Column("checkpoint_path", pa.string(), "fine-tune: the saved run (classifier.pt, result.json); probe: the "
                                            "trained head (BatchNorm statistics + linear), a checkpoint folder "

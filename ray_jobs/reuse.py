@@ -26,6 +26,7 @@
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import sys
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 REPLACED_SECTIONS = ("data", "probe", "finetune")  # what --experiment replaces in a trial's own config
 RESULT_FILE = "result.json"
+RESULT_DIR = "result"  # the finished run's checkpoint folder (result.json, classifier.pt)
 CLASSIFIER_FILE = "classifier.pt"
 PROBE_HEAD_DIR = "probe_head"  # in the probe's Train run folder
 FINISHED, ERROR = "FINISHED", "ERROR"
@@ -76,7 +78,12 @@ class Target:
 
     @property
     def label(self) -> str:
-        return self.trial_id or Path(self.checkpoint).stem
+        """The trial id, else the checkpoint's name and a hash of its path: two checkpoints of one
+        name (runs/a/checkpoint-0008, runs/b/checkpoint-0008) must not share a Train run, which
+        Ray would resume one from the other's checkpoints."""
+        if self.trial_id:
+            return self.trial_id
+        return f"{Path(self.checkpoint).stem}-{hashlib.sha1(self.checkpoint.encode()).hexdigest()[:6]}"
 
 
 @dataclass(frozen=True)
@@ -177,8 +184,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     checkpoint = loop_config["checkpoint"]
     fault = FaultInjection(**loop_config["fault"]) if loop_config.get("fault") else None
-    resume = ray.train.get_checkpoint()  # set when Ray restarts a failed worker group
-    start_epoch = checkpoint_epoch(resume)  # 0 for none (and for a finished run's "result")
+    resume = ray.train.get_checkpoint()  # set when Ray restarts a failed worker group, or on --resume
+    if resume is not None and Path(resume.path).name == RESULT_DIR:
+        return  # the run had finished (its row was not written): Ray hands back that result as it is
+    start_epoch = checkpoint_epoch(resume)  # 0 for none
     t0 = time.perf_counter()
     extra: dict[str, Any] = {"start_epoch": start_epoch}
     classifier = None
@@ -213,7 +222,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 torch.save({"model": classifier.state_dict(), "config": to_dict(cfg), "source": checkpoint},
                            Path(tmp, CLASSIFIER_FILE))
             report_checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=report_checkpoint, checkpoint_dir_name="result")
+        ray.train.report(metrics, checkpoint=report_checkpoint, checkpoint_dir_name=RESULT_DIR)
 
 
 def run_target(job: Job, target: Target, storage: Path, run_id: str, workers: int,

@@ -146,6 +146,12 @@ def test_a_failed_probe_run_resumes_from_its_checkpoint(reused_sweep, tmp_path):
     (row,) = pq.read_table(tmp_path / results.PROBE_FILE).to_pylist()  # the ERROR row is replaced
     assert (row["run_id"], row["trial_id"], row["status"]) == (failed["run_id"], failed["trial_id"], "FINISHED")
     assert row["start_epoch"] == 1 and row["epochs_completed"] == 2
+    # a driver that died after the run finished but before writing its row: --resume takes
+    # the finished Train run's result as it is (the same seconds: it did not train again)
+    pq.write_table(pq.read_table(tmp_path / results.PROBE_FILE).slice(0, 0), tmp_path / results.PROBE_FILE)
+    assert _run([*args, "--resume", failed["run_id"]], cwd=tmp_path).returncode == 0
+    (again,) = pq.read_table(tmp_path / results.PROBE_FILE).to_pylist()
+    assert again["status"] == "FINISHED" and (again["top1"], again["seconds"]) == (row["top1"], row["seconds"])
 
 
 @pytest.fixture(scope="module")

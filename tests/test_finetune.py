@@ -296,9 +296,11 @@ class _Interrupted(Exception):
 @pytest.mark.slow
 def test_an_interrupted_finetuning_run_resumes_to_the_uninterrupted_result(fashion_mnist_dir, pretrained, tmp_path):
     """Every random draw is restored: crops and RandAugment in a DataLoader worker, random
-    erasing, mixup/cutmix (numpy), drop path; so is the cosine schedule's step."""
-    cfg = load_config(SMOKE, [*TINY_FINETUNE, "finetune.train_subset=64", "finetune.test_subset=32", "finetune.epochs=3",
-                              "finetune.reprob=0.5", "finetune.base_lr=0.05", "data.num_workers=1"])
+    erasing, mixup/cutmix (numpy), drop path; so is the cosine schedule's step. Two epochs
+    follow the resume: an evaluation's draw from the global RNG would show in the second."""
+    cfg = load_config(SMOKE, [*TINY_FINETUNE, "finetune.train_subset=64", "finetune.test_subset=32",
+                              "finetune.epochs=4", "finetune.reprob=0.5", "finetune.base_lr=0.05",
+                              "data.num_workers=1"])
     weights = pretrained.state_dict()
     whole = finetune(cfg, weights, device="cpu", progress=False, run_dir=tmp_path / "whole")
 
@@ -312,16 +314,32 @@ def test_an_interrupted_finetuning_run_resumes_to_the_uninterrupted_result(fashi
     seen = []
     resumed = finetune(cfg, weights, device="cpu", progress=False, run_dir=tmp_path / "cut",
                        on_epoch_end=lambda m, c: seen.append((m["epoch"], c.name)))
-    assert seen == [(3, "checkpoint-0003")]  # only the epoch that was left
-    assert [e["epoch"] for e in resumed.epochs] == [1, 2, 3]  # the history comes back with the checkpoint
+    assert seen == [(3, "checkpoint-0003"), (4, "checkpoint-0004")]  # only the epochs that were left
+    assert [e["epoch"] for e in resumed.epochs] == [1, 2, 3, 4]  # the history comes back with the checkpoint
+    keys = ("step", "train_loss", "test_top1", "lr")
     for a, b in zip(whole.epochs, resumed.epochs):
-        assert (b["step"], b["train_loss"], b["test_top1"], b["lr"]) == (a["step"], a["train_loss"], a["test_top1"], a["lr"])
+        assert [b[k] for k in keys] == [a[k] for k in keys]
     start = load_pretrained(build_classifier(cfg, 10), weights).state_dict()
     final = whole.model.state_dict()
     assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-3  # it trained
     for k, v in resumed.model.state_dict().items():
         torch.testing.assert_close(v, final[k], rtol=0, atol=1e-6, msg=k)
-    assert [p.name for p in checkpoint_folders(tmp_path / "cut")] == ["checkpoint-0002", "checkpoint-0003"]
+    assert [p.name for p in checkpoint_folders(tmp_path / "cut")] == ["checkpoint-0003", "checkpoint-0004"]
+
+
+@pytest.mark.parametrize("workers,expected", [(0, 0), (1, 2)])
+def test_images_augmented_in_this_process_are_not_prefetched_on_a_thread(pretrained, monkeypatch, workers, expected):
+    """With no DataLoader workers the crops and RandAugment would draw from the global RNGs on
+    the prefetch thread while the step draws random erasing and mixup on this one."""
+    depths = []
+    real = mae.finetune.Prefetcher
+    monkeypatch.setattr(mae.finetune, "Prefetcher", lambda loader, to_batch, device, depth:
+                        depths.append(depth) or real(loader, to_batch, device, depth))
+    cfg = load_config(SMOKE, ["data.dataset=synthetic", "data.synthetic_size=64", *TINY_FINETUNE,
+                              "finetune.train_subset=64", "finetune.test_subset=16", "data.prefetch=2",
+                              f"data.num_workers={workers}"])
+    finetune(cfg, pretrained.state_dict(), device="cpu", progress=False)
+    assert depths == [expected]
 
 
 def test_resuming_refuses_a_checkpoint_of_another_kind_or_init(pretrained, tmp_path):
@@ -332,6 +350,10 @@ def test_resuming_refuses_a_checkpoint_of_another_kind_or_init(pretrained, tmp_p
     assert [p.name for p in checkpoint_folders(tmp_path / "scratch")] == ["checkpoint-0002"]  # every 2nd epoch
     with pytest.raises(CheckpointError, match="from scratch weights, not pretrained"):
         finetune(cfg, pretrained.state_dict(), device="cpu", progress=False, run_dir=tmp_path / "scratch")
+    written = load_checkpoint(tmp_path / "scratch" / "checkpoint-0002")
+    save_checkpoint(tmp_path / "ddp" / "checkpoint-0002", {**written, "rng": written["rng"] * 2})  # 2 ranks' states
+    with pytest.raises(CheckpointError, match="written by 2 process"):
+        finetune(cfg, from_scratch=True, device="cpu", progress=False, run_dir=tmp_path / "ddp")
     save_checkpoint(tmp_path / "pretraining" / "checkpoint-0001", {"model": pretrained.state_dict(), "epoch": 1})
     with pytest.raises(CheckpointError, match="not a fine-tuning checkpoint"):
         finetune(cfg, pretrained.state_dict(), device="cpu", progress=False, run_dir=tmp_path / "pretraining")

@@ -95,7 +95,9 @@ def test_a_foreign_checkpoint_takes_the_whole_experiment(tmp_path):
     with pytest.raises(ConfigError, match="--experiment"):
         reuse.choose(_args("--checkpoint", str(ref)))
     out, (target,) = reuse.choose(_args("--checkpoint", str(ref), "--experiment", SMOKE, "--out", str(tmp_path / "o")))
-    assert target.trial_id is None and target.label == "mae_pretrain_vit_micro"
+    assert target.trial_id is None and target.label.startswith("mae_pretrain_vit_micro-")
+    namesake = tmp_path / "elsewhere" / ref.name  # another folder, the same file name: another Train run
+    assert reuse.Target(str(namesake), target.cfg).label != target.label
     assert target.cfg.name == "smoke" and out == (tmp_path / "o").resolve()
 
 
