@@ -66,7 +66,7 @@ from mae.models import MaskedAutoencoderViT
 from mae.models.pos_embed import sincos_2d
 from mae.optim import cosine_lr, fused_kwargs, set_lr
 from mae.pretrained import check_compatible, encoder_state, fit_pos_embed
-from mae.probe import num_classes
+from mae.probe import encoder_fingerprint, num_classes
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,12 @@ def finetune(
     source = Path(resume_from) if resume_from else latest_checkpoint(run_dir) if run_dir is not None else None
     payload = _resumable(load_checkpoint(source), source, init) if source is not None else None
     model = build_classifier(cfg, classes)
-    if not from_scratch and payload is None:
-        load_pretrained(model, weights)
+    start_weights = None
+    if not from_scratch:  # also when resuming: the checkpoint must be of a run from these weights
+        start_weights = encoder_fingerprint(load_pretrained(model, weights))
+        if payload is not None and not torch.equal(payload["start_weights"], start_weights):
+            raise CheckpointError(f"{source} was written by a fine-tuning run from other pretrained weights; resume "
+                                  "it with the weights it started from, or start in another run folder")
     model.to(device)
     lr_peak = peak_lr(cfg, world_size)
     optimizer = optimizer_for(model, cfg, lr_peak)
@@ -380,7 +384,8 @@ def finetune(
                     "kind": CHECKPOINT_KIND, "init": init, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "rng": rngs,
                     "augment_rng": augment_rngs, "history": result.epochs, "images": images,
-                    "train_time_s": train_time, "config": to_dict(cfg), "mae_version": mae.__version__,
+                    "train_time_s": train_time, "start_weights": start_weights, "config": to_dict(cfg),
+                    "mae_version": mae.__version__,
                 })
                 prune_checkpoints(run_dir, keep_checkpoints)
         if on_epoch_end is not None:

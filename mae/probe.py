@@ -328,8 +328,9 @@ def linear_probe(
 
 
 @torch.no_grad()
-def encoder_fingerprint(model: MaskedAutoencoderViT) -> torch.Tensor:
-    """Float64 sums of the encoder's patch embedding, position table and last block: a probe
-    checkpoint records them, so it is not resumed on top of another encoder."""
+def encoder_fingerprint(model: nn.Module) -> torch.Tensor:
+    """Float64 sums of the encoder's patch embedding, position table and last block (our MAE or
+    timm's ViT): probe and fine-tuning checkpoints record them, so that a run is not resumed
+    on top of other weights than those it started from."""
     parts = [model.patch_embed.proj.weight, model.pos_embed, *model.blocks[-1].parameters()]
     return torch.stack([t.detach().cpu().double().sum() for t in parts])  # on the CPU: the same on any device

@@ -350,6 +350,10 @@ def test_resuming_refuses_a_checkpoint_of_another_kind_or_init(pretrained, tmp_p
     assert [p.name for p in checkpoint_folders(tmp_path / "scratch")] == ["checkpoint-0002"]  # every 2nd epoch
     with pytest.raises(CheckpointError, match="from scratch weights, not pretrained"):
         finetune(cfg, pretrained.state_dict(), device="cpu", progress=False, run_dir=tmp_path / "scratch")
+    finetune(cfg, pretrained.state_dict(), device="cpu", progress=False, run_dir=tmp_path / "pretrained")
+    other = build_mae("mae_vit_micro_patch4").state_dict()  # another encoder: a resume would mix the two
+    with pytest.raises(CheckpointError, match="from other pretrained weights"):
+        finetune(cfg, other, device="cpu", progress=False, run_dir=tmp_path / "pretrained")
     written = load_checkpoint(tmp_path / "scratch" / "checkpoint-0002")
     save_checkpoint(tmp_path / "ddp" / "checkpoint-0002", {**written, "rng": written["rng"] * 2})  # 2 ranks' states
     with pytest.raises(CheckpointError, match="written by 2 process"):
