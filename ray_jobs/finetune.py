@@ -13,7 +13,8 @@ schedule from random weights, to show what pretraining adds. Each run checkpoint
 `finetune.checkpoint_every` epochs; a failed worker group (up to `sweep.max_failures`
 times) resumes from the last checkpoint rather than from epoch 0. Rows go to finetune.parquet
 in the sweep folder (init: pretrained or scratch); the fine-tuned classifier is saved in
-each row's checkpoint_path. Exit status: 0 all finished, 1 some failed, 2 bad arguments.
+each row's checkpoint_path. Exit status: 0 all finished, 1 some failed, 2 bad arguments,
+130 interrupted (--resume RUN_ID continues).
 """
 
 import sys

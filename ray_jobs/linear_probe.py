@@ -15,7 +15,7 @@ trial_id; each row's checkpoint_path is the trained head (BatchNorm statistics +
 `mae.probe.load_probe_head(path)`. Each run checkpoints every `probe.checkpoint_every`
 epochs; a failed worker (up to `sweep.max_failures` times) resumes from the last checkpoint
 rather than from epoch 0. Exit status: 0 all probed, 1 some failed (see the error column),
-2 bad arguments.
+2 bad arguments, 130 interrupted (--resume RUN_ID continues).
 """
 
 import sys

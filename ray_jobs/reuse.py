@@ -342,7 +342,8 @@ def build_parser(job: Job, description: str) -> argparse.ArgumentParser:
 
 def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, from_scratch: bool = False,
          args: argparse.Namespace | None = None) -> int:
-    """Choose, run, record; exit status 0 (all finished), 1 (some failed) or 2 (bad arguments)."""
+    """Choose, run, record; exit status 0 (all finished), 1 (some failed), 2 (bad arguments) or 130
+    (interrupted: --resume continues)."""
     from ray_jobs.sweep import code_version
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -380,11 +381,15 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
     else:
         log.info("%s run %s; if it is interrupted, add --resume %s to the same command", job.kind, run_id, run_id)
     version = code_version()
+    failed = 0
     if targets:
-        failed = run_all(job, targets, table, folder, run_id, version, args.address, concurrent, workers,
-                         from_scratch, fail_at_epoch)
-    else:
-        failed = 0
+        try:
+            failed = run_all(job, targets, table, folder, run_id, version, args.address, concurrent, workers,
+                             from_scratch, fail_at_epoch)
+        except KeyboardInterrupt:  # Ctrl-C: the finished encoders' rows are written; say how to go on
+            print(f"\ninterrupted: {job.table} keeps the encoders that finished; continue with the same command "
+                  f"plus --resume {run_id}", file=sys.stderr)
+            return 130
     shown = ["trial_id", "selected_rank", "selected_value", *(["init"] if job.kind == "finetune" else []),
              "status", "top1", "best_top1", "epochs_completed", "seconds"]
     rows = sorted((r for r in table.rows if r["run_id"] == run_id), key=lambda r: r["selected_rank"] or 0)

@@ -184,3 +184,13 @@ def test_a_resumed_run_keeps_what_it_finished_and_replaces_its_error_rows(sweep_
     assert not ray.is_initialized()
     printed = capsys.readouterr().out
     assert "probe run r1: 2 encoder(s), 0 failed" in printed
+
+
+def test_an_interrupted_job_says_how_to_continue(sweep_folder, tmp_path, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reuse, "run_all", interrupted)
+    assert reuse.main(reuse.PROBE, ["--sweep", str(sweep_folder), "--out", str(tmp_path)], "") == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume 20" in err  # the run id: UTC time + suffix
