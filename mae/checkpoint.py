@@ -185,3 +185,32 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
     for old in checkpoint_folders(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_source(run_dir: str | os.PathLike | None, resume_from: str | os.PathLike | None) -> Path | None:
+    """The checkpoint a run resumes from: resume_from if given, else the newest in run_dir
+    (None: no run folder, or nothing in it; the run starts fresh)."""
+    if resume_from:
+        return Path(resume_from)
+    return latest_checkpoint(run_dir) if run_dir is not None else None
+
+
+def checkpoint_due(epochs_done: int, every: int, total: int) -> bool:
+    """Whether a run checkpoints after `epochs_done` epochs: every `every`, and after the last."""
+    return epochs_done % every == 0 or epochs_done == total
+
+
+def save_epoch_checkpoint(run_dir: str | os.PathLike, epochs_done: int, payload: dict[str, Any],
+                          keep: int) -> Path:
+    """save_checkpoint to run_dir/checkpoint-EEEE, then remove all but the newest `keep`; the folder."""
+    folder = save_checkpoint(Path(run_dir) / f"checkpoint-{epochs_done:04d}", payload)
+    prune_checkpoints(run_dir, keep)
+    return folder
+
+
+def check_kind(payload: dict[str, Any], source: Path, kind: str, what: str, writer: str) -> dict[str, Any]:
+    """payload, if its "kind" is `kind` (a `what` checkpoint, written by `writer`); else CheckpointError."""
+    if payload.get("kind") != kind:
+        raise CheckpointError(f"{source} is not a {what} checkpoint (its kind: {payload.get('kind')}); resume from a "
+                              f"checkpoint folder that {writer} wrote, or start in another run folder")
+    return payload

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, latest_checkpoint, load_checkpoint, model_state, prune_checkpoints, rng_state,
-    save_checkpoint, set_rng_state,
+    CheckpointError, checkpoint_due, latest_checkpoint, load_checkpoint, model_state, resume_source, rng_state,
+    save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import (
     ExperimentConfig, config_from_dict, derived_values, resolved_model_args, to_dict, uses_cuda_graphs,
@@ -254,7 +254,7 @@ def pretrain(
     optimizer = build_optimizer(model, cfg, peak_lr)
 
     start_epoch, step, history = 0, 0, []
-    source = Path(resume_from) if resume_from else latest_checkpoint(run_dir)
+    source = resume_source(run_dir, resume_from)
     if source is not None:
         payload = load_checkpoint(source)
         model.load_state_dict(model_state(payload), strict=True)
@@ -345,18 +345,16 @@ def pretrain(
         log.info("epoch %d/%d loss %.4f lr %.2e %.0f img/s, %.0f%% waiting for input", epoch + 1, cfg.train.epochs,
                  epoch_loss, lr, metrics["images_per_sec"], 100 * metrics["input_wait_frac"])
         ckpt = None
-        last_epoch = epoch + 1 == cfg.train.epochs
-        if (epoch + 1) % cfg.train.checkpoint_every == 0 or last_epoch:
+        if checkpoint_due(epoch + 1, cfg.train.checkpoint_every, cfg.train.epochs):
             rngs = gather_per_rank(rng_state(), world_size)
             augment_rngs = gather_per_rank(augment.state_dict(), world_size, always_list=True) if augment else None
             if rank == 0:
-                ckpt = save_checkpoint(run_dir / f"checkpoint-{epoch + 1:04d}", {
+                ckpt = save_epoch_checkpoint(run_dir, epoch + 1, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "epoch": epoch + 1, "step": step, "rng": rngs, "augment_rng": augment_rngs,
                     "config": to_dict(cfg), "derived": derived,
                     "history": history, "mae_version": mae.__version__,
-                })
-                prune_checkpoints(run_dir, keep_checkpoints)
+                }, keep_checkpoints)
                 last_ckpt = ckpt
         callback.on_epoch_end(dict(metrics), ckpt)
         result.epochs.append(metrics)

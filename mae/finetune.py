@@ -53,8 +53,8 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, latest_checkpoint, load_checkpoint, model_state, prune_checkpoints, rng_state, save_checkpoint,
-    set_rng_state,
+    CheckpointError, check_kind, checkpoint_due, load_checkpoint, model_state, resume_source, rng_state,
+    save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import ExperimentConfig, resolved_model_args, to_dict, uses_cuda_graphs
 from mae.data import build_dataset, eval_loader
@@ -290,8 +290,7 @@ def finetune(
     test_loader = eval_loader(test_shard, max(f.batch_size, 256), cfg.data.num_workers, device, persistent=True)
 
     init = "scratch" if from_scratch else "pretrained"
-    run_dir = Path(run_dir) if run_dir is not None else None
-    source = Path(resume_from) if resume_from else latest_checkpoint(run_dir) if run_dir is not None else None
+    source = resume_source(run_dir, resume_from)
     payload = _resumable(load_checkpoint(source), source, init) if source is not None else None
     model = build_classifier(cfg, classes)
     start_weights = None
@@ -376,18 +375,17 @@ def finetune(
         result.epochs.append(metrics)
         log.info("finetune epoch %d/%d loss %.4f test top-1 %.4f", epoch + 1, f.epochs, metrics["train_loss"], top1)
         ckpt = None
-        if run_dir is not None and ((epoch + 1) % f.checkpoint_every == 0 or epoch + 1 == f.epochs):
+        if run_dir is not None and checkpoint_due(epoch + 1, f.checkpoint_every, f.epochs):
             rngs = gather_per_rank(rng_state(), world_size, always_list=True)
             augment_rngs = gather_per_rank(augment.state_dict(), world_size, always_list=True) if augment else None
             if rank == 0:
-                ckpt = save_checkpoint(run_dir / f"checkpoint-{epoch + 1:04d}", {
+                ckpt = save_epoch_checkpoint(run_dir, epoch + 1, {
                     "kind": CHECKPOINT_KIND, "init": init, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "rng": rngs,
                     "augment_rng": augment_rngs, "history": result.epochs, "images": images,
                     "train_time_s": train_time, "start_weights": start_weights, "config": to_dict(cfg),
                     "mae_version": mae.__version__,
-                })
-                prune_checkpoints(run_dir, keep_checkpoints)
+                }, keep_checkpoints)
         if on_epoch_end is not None:
             on_epoch_end(dict(metrics), ckpt)
 
@@ -401,9 +399,7 @@ def finetune(
 
 def _resumable(payload: dict, source: Path, init: str) -> dict:
     """payload, if it is a fine-tuning checkpoint of a run with this init; else CheckpointError."""
-    if payload.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{source} is not a fine-tuning checkpoint (a pretraining one, or another tool's); "
-                              "resume from a checkpoint folder that mae.finetune wrote, or start in another run folder")
+    check_kind(payload, source, CHECKPOINT_KIND, "fine-tuning", "mae.finetune.finetune")
     if payload.get("init") != init:
         raise CheckpointError(f"{source} was written by a fine-tuning run from {payload.get('init')} weights, not "
                               f"{init} ones; resume it with the same weights setting, or start in another run folder")

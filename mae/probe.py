@@ -20,8 +20,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state,
+    CheckpointError, check_kind, checkpoint_due, load_checkpoint, resume_source, rng_state, save_checkpoint,
+    save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import ExperimentConfig, to_dict
 from mae.data import build_dataset, collate_skip_none, eval_loader
@@ -260,13 +261,10 @@ def linear_probe(
     dtype = autocast_dtype(cfg, device)  # the frozen encoder's; the head trains in float32
     result, step, start_epoch = ProbeResult(top1=0.0, test_images=len(test)), 0, 0
     fingerprint = encoder_fingerprint(model)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    source = Path(resume_from) if resume_from else latest_checkpoint(run_dir) if run_dir is not None else None
+    source = resume_source(run_dir, resume_from)
     if source is not None:
-        payload = load_checkpoint(source)
-        if payload.get("kind") != CHECKPOINT_KIND:
-            raise CheckpointError(f"{source} is not a linear-probe checkpoint; resume from a checkpoint folder that "
-                                  "mae.probe.linear_probe wrote, or start in another run folder")
+        payload = check_kind(load_checkpoint(source), source, CHECKPOINT_KIND, "linear-probe",
+                             "mae.probe.linear_probe")
         if not torch.equal(payload["encoder_fingerprint"], fingerprint):
             raise CheckpointError(f"{source} was written while probing another encoder; resume with the encoder "
                                   "it probed, or start in another run folder")
@@ -311,14 +309,13 @@ def linear_probe(
         log.info("probe epoch %d/%d loss %.4f test top-1 %.4f", epoch + 1, p.epochs,
                  result.epochs[-1]["train_loss"], top1)
         ckpt = None
-        if run_dir is not None and ((epoch + 1) % p.checkpoint_every == 0 or epoch + 1 == p.epochs):
-            ckpt = save_checkpoint(run_dir / f"checkpoint-{epoch + 1:04d}", {
+        if run_dir is not None and checkpoint_due(epoch + 1, p.checkpoint_every, p.epochs):
+            ckpt = save_epoch_checkpoint(run_dir, epoch + 1, {
                 "kind": CHECKPOINT_KIND, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": epoch + 1, "step": step, "rng": rng_state(),
                 "augment_rng": augment.state_dict() if augment is not None else None, "history": result.epochs,
                 "encoder_fingerprint": fingerprint, "config": to_dict(cfg), "mae_version": mae.__version__,
-            })
-            prune_checkpoints(run_dir, keep_checkpoints)
+            }, keep_checkpoints)
         if on_epoch_end is not None:
             on_epoch_end(dict(result.epochs[-1]), ckpt)
     result.top1 = result.epochs[-1]["test_top1"]
