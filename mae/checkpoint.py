@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import yaml
 
+from mae.config import ExperimentConfig, recipe_changes
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -214,3 +216,12 @@ def check_kind(payload: dict[str, Any], source: Path, kind: str, what: str, writ
         raise CheckpointError(f"{source} is not a {what} checkpoint (its kind: {payload.get('kind')}); resume from a "
                               f"checkpoint folder that {writer} wrote, or start in another run folder")
     return payload
+
+
+def check_recipe(payload: dict[str, Any], source: Path, cfg: ExperimentConfig, recipe: tuple[str, ...]) -> None:
+    """CheckpointError if the run that wrote payload had another recipe than cfg (mae.config.recipe_changes):
+    a resume continues that run, so a changed mask ratio or epoch count would mix two runs into one."""
+    changes = recipe_changes(payload.get("config") or {}, cfg, recipe)
+    if changes:
+        raise CheckpointError(f"{source} was written by a run with other settings ({'; '.join(changes)}); a resume "
+                              "continues that run: set those values back to its own, or start in another run folder")

@@ -440,6 +440,31 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes torch.compil
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+# Keys that say where and how a run executes, not what it computes: a resumed run may
+# change them (another machine or GPU, a moved dataset, more loader workers, a new log rate).
+EXECUTION_KEYS = frozenset({
+    "name", "data.data_dir", "data.num_workers", "data.pipeline", "data.predecoded_dir", "data.prefetch",
+    "train.device", "train.compile", "train.compile_mode", "train.precision", "train.log_every",
+    "train.checkpoint_every", "train.progress", "probe.checkpoint_every", "finetune.checkpoint_every",
+})
+# What each kind of run computes from, as keys or sections ("optim."), for recipe_changes
+PRETRAIN_RECIPE = ("model.", "mask.", "data.", "optim.", "train.")
+FINETUNE_RECIPE = ("model.", "finetune.", "train.seed", "data.dataset", "data.hflip", "data.synthetic_size")
+PROBE_RECIPE = ("probe.", "train.seed", "data.dataset", "data.hflip", "data.synthetic_size")
+
+
+def recipe_changes(saved: dict[str, Any], cfg: ExperimentConfig, recipe: tuple[str, ...]) -> list[str]:
+    """The recipe values that differ between a saved config (a checkpoint's) and cfg, as
+    "key: saved -> now", execution keys aside. recipe: keys, and sections ending in ".".
+    A key the saved config lacks (written before the key existed) is not compared."""
+    old, new = flatten(saved), flatten(cfg)
+
+    def in_recipe(key: str) -> bool:
+        return key not in EXECUTION_KEYS and any(key == r or (r.endswith(".") and key.startswith(r)) for r in recipe)
+
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if in_recipe(k) and k in old and old[k] != new[k]]
+
+
 def _is_randaug_spec(spec: object) -> bool:
     """Whether timm can build a RandAugment from `spec` (it asserts on a malformed one)."""
     from timm.data.auto_augment import rand_augment_transform

@@ -21,16 +21,17 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, checkpoint_due, latest_checkpoint, load_checkpoint, model_state, resume_source, rng_state,
-    save_epoch_checkpoint, set_rng_state,
+    CheckpointError, check_recipe, checkpoint_due, latest_checkpoint, load_checkpoint, model_state, resume_source,
+    rng_state, save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import (
-    ExperimentConfig, config_from_dict, derived_values, resolved_model_args, to_dict, uses_cuda_graphs,
+    PRETRAIN_RECIPE, ExperimentConfig, config_from_dict, derived_values, resolved_model_args, to_dict, uses_cuda_graphs,
 )
 from mae.device_input import Prefetcher, build_pretrain_input, prefetch_depth
 from mae.models import MaskedAutoencoderViT
@@ -211,11 +212,6 @@ def pretrain(
     run_dir = Path(run_dir)
     rank, world_size = _world()
     device = torch.device(device) if device is not None else select_device(cfg.train.device)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     seed_everything(cfg.train.seed + rank)
 
     # data.pipeline: augmented in the workers (cpu) or decoded + augmented by to_batch (device)
@@ -257,6 +253,7 @@ def pretrain(
     source = resume_source(run_dir, resume_from)
     if source is not None:
         payload = load_checkpoint(source)
+        check_recipe(payload, source, cfg, PRETRAIN_RECIPE)
         model.load_state_dict(model_state(payload), strict=True)
         try:
             optimizer.load_state_dict(payload["optimizer"])
@@ -272,6 +269,9 @@ def pretrain(
         if augment is not None and payload.get("augment_rng") is not None:
             augment.load_state_dict(payload["augment_rng"][rank])
         log.info("resumed from %s at epoch %d (step %d)", source, start_epoch, step)
+    if rank == 0:  # after the resume's checks: a refused resume keeps the run's own config.yaml
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     train_model: torch.nn.Module = model
     if world_size > 1:

@@ -53,10 +53,10 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, check_kind, checkpoint_due, load_checkpoint, model_state, resume_source, rng_state,
+    CheckpointError, check_kind, check_recipe, checkpoint_due, load_checkpoint, model_state, resume_source, rng_state,
     save_epoch_checkpoint, set_rng_state,
 )
-from mae.config import ExperimentConfig, resolved_model_args, to_dict, uses_cuda_graphs
+from mae.config import FINETUNE_RECIPE, ExperimentConfig, resolved_model_args, to_dict, uses_cuda_graphs
 from mae.data import build_dataset, eval_loader
 from mae.device_input import Prefetcher, ToDevice, build_train_input, prefetch_depth
 from mae.engine import (
@@ -291,7 +291,7 @@ def finetune(
 
     init = "scratch" if from_scratch else "pretrained"
     source = resume_source(run_dir, resume_from)
-    payload = _resumable(load_checkpoint(source), source, init) if source is not None else None
+    payload = _resumable(load_checkpoint(source), source, init, cfg) if source is not None else None
     model = build_classifier(cfg, classes)
     start_weights = None
     if not from_scratch:  # also when resuming: the checkpoint must be of a run from these weights
@@ -397,9 +397,10 @@ def finetune(
     return result
 
 
-def _resumable(payload: dict, source: Path, init: str) -> dict:
-    """payload, if it is a fine-tuning checkpoint of a run with this init; else CheckpointError."""
+def _resumable(payload: dict, source: Path, init: str, cfg: ExperimentConfig) -> dict:
+    """payload, if it is a fine-tuning checkpoint of a run with this init and recipe; else CheckpointError."""
     check_kind(payload, source, CHECKPOINT_KIND, "fine-tuning", "mae.finetune.finetune")
+    check_recipe(payload, source, cfg, FINETUNE_RECIPE)
     if payload.get("init") != init:
         raise CheckpointError(f"{source} was written by a fine-tuning run from {payload.get('init')} weights, not "
                               f"{init} ones; resume it with the same weights setting, or start in another run folder")

@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, check_kind, checkpoint_due, load_checkpoint, resume_source, rng_state, save_checkpoint,
-    save_epoch_checkpoint, set_rng_state,
+    CheckpointError, check_kind, check_recipe, checkpoint_due, load_checkpoint, resume_source, rng_state,
+    save_checkpoint, save_epoch_checkpoint, set_rng_state,
 )
-from mae.config import ExperimentConfig, to_dict
+from mae.config import PROBE_RECIPE, ExperimentConfig, to_dict
 from mae.data import build_dataset, collate_skip_none, eval_loader
 from mae.device_input import Prefetcher, ToDevice, build_train_input, prefetch_depth
 from mae.engine import autocast, autocast_dtype, select_device, worker_seed
@@ -265,6 +265,7 @@ def linear_probe(
     if source is not None:
         payload = check_kind(load_checkpoint(source), source, CHECKPOINT_KIND, "linear-probe",
                              "mae.probe.linear_probe")
+        check_recipe(payload, source, cfg, PROBE_RECIPE)
         if not torch.equal(payload["encoder_fingerprint"], fingerprint):
             raise CheckpointError(f"{source} was written while probing another encoder; resume with the encoder "
                                   "it probed, or start in another run folder")

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from mae.config import ConfigError, absolute_lr, flatten, load_config, replace
+from mae.config import ConfigError, absolute_lr, flatten, load_config, replace, to_dict
 from tests.conftest import REPO
 
 
@@ -88,3 +88,14 @@ def test_cli_rejects_bad_value_before_doing_anything(tmp_path):
     assert "mask.ratio" in proc.stderr and "(0, 1)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_recipe_changes_name_what_a_run_computes_from_and_skip_how_it_runs():
+    from mae.config import PRETRAIN_RECIPE, PROBE_RECIPE, recipe_changes
+
+    saved = to_dict(load_config(None, ["mask.ratio=0.75", "data.num_workers=0", "probe.base_lr=0.1"]))
+    cfg = load_config(None, ["mask.ratio=0.6", "data.num_workers=4", "train.device=cpu", "probe.base_lr=0.2"])
+    assert recipe_changes(saved, cfg, PRETRAIN_RECIPE) == ["mask.ratio: 0.75 -> 0.6"]
+    assert recipe_changes(saved, cfg, PROBE_RECIPE) == ["probe.base_lr: 0.1 -> 0.2"]
+    del saved["probe"]["base_lr"]  # a checkpoint written before the key existed
+    assert recipe_changes(saved, cfg, PROBE_RECIPE) == []

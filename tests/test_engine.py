@@ -61,8 +61,24 @@ def test_a_checkpoint_with_other_optimizer_groups_is_refused_clearly(tmp_path, f
 
     monkeypatch.setattr("mae.engine.param_groups", tokens_not_decayed)
     with pytest.raises(CheckpointError, match="optimizer state does not fit .* start in another run folder"):
-        pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=2"), tmp_path)
+        pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=1"), tmp_path)
     assert (tmp_path / "checkpoint-0001" / "checkpoint.pt").read_bytes() == saved
+
+
+def test_a_resume_with_other_settings_is_refused_and_keeps_the_runs_config(tmp_path, fashion_mnist_dir):
+    """A resume continues the run in the folder: another mask ratio or epoch count would
+    mix two runs into one; where the data lives and how it is loaded may change."""
+    pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=1"), tmp_path)
+    saved = {f: (tmp_path / f).read_bytes() for f in ("config.yaml", "checkpoint-0001/checkpoint.pt")}
+    with pytest.raises(CheckpointError, match=r"mask.ratio: 0.75 -> 0.5; train.epochs: 1 -> 2\). .*set those "
+                                              "values back"):
+        pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=2", "mask.ratio=0.5"), tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in saved} == saved
+    moved = tmp_path / "moved-data"
+    moved.symlink_to(fashion_mnist_dir)
+    resumed = pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=1", f"data.data_dir={moved}", "train.log_every=1",
+                                 "data.num_workers=1", "train.progress=false", "name=renamed"), tmp_path)
+    assert resumed.epochs == [] and load_config(tmp_path / "config.yaml").data.data_dir == str(moved)
 
 
 @pytest.mark.parametrize("pipeline,prefetch,workers", [("cpu", 0, 0), ("cpu", 0, 1), ("device", 2, 0)])

@@ -343,9 +343,9 @@ def test_images_augmented_in_this_process_are_not_prefetched_on_a_thread(pretrai
 
 
 def test_resuming_refuses_a_checkpoint_of_another_kind_or_init(pretrained, tmp_path):
-    cfg = load_config(SMOKE, ["data.dataset=synthetic", "data.synthetic_size=64", *TINY_FINETUNE,
-                              "finetune.train_subset=64", "finetune.test_subset=32", "finetune.epochs=2",
-                              "finetune.checkpoint_every=2"])
+    overrides = ["data.dataset=synthetic", "data.synthetic_size=64", *TINY_FINETUNE, "finetune.train_subset=64",
+                 "finetune.test_subset=32", "finetune.epochs=2", "finetune.checkpoint_every=2"]
+    cfg = load_config(SMOKE, overrides)
     finetune(cfg, from_scratch=True, device="cpu", progress=False, run_dir=tmp_path / "scratch")
     assert [p.name for p in checkpoint_folders(tmp_path / "scratch")] == ["checkpoint-0002"]  # every 2nd epoch
     with pytest.raises(CheckpointError, match="from scratch weights, not pretrained"):
@@ -354,6 +354,11 @@ def test_resuming_refuses_a_checkpoint_of_another_kind_or_init(pretrained, tmp_p
     other = build_mae("mae_vit_micro_patch4").state_dict()  # another encoder: a resume would mix the two
     with pytest.raises(CheckpointError, match="from other pretrained weights"):
         finetune(cfg, other, device="cpu", progress=False, run_dir=tmp_path / "pretrained")
+    with pytest.raises(CheckpointError, match=r"other settings \(finetune.base_lr: 0.001 -> 0.002\)"):
+        finetune(load_config(SMOKE, [*overrides, "finetune.base_lr=2e-3"]), pretrained.state_dict(), device="cpu",
+                 progress=False, run_dir=tmp_path / "pretrained")
+    finetune(load_config(SMOKE, [*overrides, "finetune.checkpoint_every=1", "train.log_every=1"]),
+             pretrained.state_dict(), device="cpu", progress=False, run_dir=tmp_path / "pretrained")  # how, not what
     written = load_checkpoint(tmp_path / "scratch" / "checkpoint-0002")
     save_checkpoint(tmp_path / "ddp" / "checkpoint-0002", {**written, "rng": written["rng"] * 2})  # 2 ranks' states
     with pytest.raises(CheckpointError, match="written by 2 process"):

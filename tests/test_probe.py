@@ -128,5 +128,11 @@ def test_a_probe_does_not_resume_from_another_kind_of_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "checkpoint-0001", {"kind": "finetune", "epoch": 1})
     with pytest.raises(mae.probe.CheckpointError, match="not a linear-probe checkpoint"):
         linear_probe(_encoder(0), cfg, device="cpu", progress=False, run_dir=tmp_path)
+    from mae.config import to_dict
+
+    other = load_config(None, [*SYNTHETIC, "probe.batch_size=8", "probe.optimizer=sgd", "probe.checkpoint_every=2"])
+    save_checkpoint(tmp_path / "checkpoint-0001", {"kind": "probe", "epoch": 1, "config": to_dict(other)})
+    with pytest.raises(mae.probe.CheckpointError, match=r"other settings \(probe.optimizer: 'sgd' -> 'lars'\)"):
+        linear_probe(_encoder(0), cfg, device="cpu", progress=False, run_dir=tmp_path)
     with pytest.raises(ConfigError, match="probe.checkpoint_every"):
         load_config(None, ["probe.checkpoint_every=0"])
