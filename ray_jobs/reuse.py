@@ -20,7 +20,10 @@
    folder, schema in `mae.results`, rewritten atomically after every run (temporary
    file + rename), so rows of earlier runs are kept and a crash loses no finished run.
    `--resume RUN_ID` continues a run: its finished encoders are skipped, the others run
-   again under their Train run names (Ray continues each from its last checkpoint).
+   again under their Train run names (Ray continues each from its last checkpoint). What a
+   run set out to do (its arguments, encoders and their configs) is recorded before it
+   starts, `<folder>/<kind>-runs/RUN_ID.json`, and a resume that would choose other
+   encoders or run them with other settings is refused before Ray starts.
 """
 
 import argparse
@@ -29,6 +32,8 @@ import datetime
 import hashlib
 import json
 import logging
+import os
+import shlex
 import sys
 import tempfile
 import time
@@ -49,7 +54,10 @@ from ray.train.torch import TorchTrainer
 
 from mae import results as mae_results
 from mae.checkpoint import CheckpointError, load_checkpoint
-from mae.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, flatten, load_config, to_dict
+from mae.config import (
+    FINETUNE_RECIPE, PROBE_RECIPE, ConfigError, ExperimentConfig, apply_overrides, config_from_dict, flatten,
+    load_config, recipe_changes, to_dict,
+)
 from mae.data import CorruptDatasetError, DatasetNotFoundError
 from ray_jobs import cluster
 from ray_jobs.pretrain import FaultInjection, RayReportCallback, checkpoint_epoch
@@ -94,10 +102,11 @@ class Job:
     table: str  # file name in the sweep folder
     schema: pa.Schema
     section: str  # the config section holding the recipe
+    recipe: tuple[str, ...]  # the config values a run computes from (mae.config.recipe_changes)
 
 
-PROBE = Job("probe", mae_results.PROBE_FILE, mae_results.probe_schema(), "probe")
-FINETUNE = Job("finetune", mae_results.FINETUNE_FILE, mae_results.finetune_schema(), "finetune")
+PROBE = Job("probe", mae_results.PROBE_FILE, mae_results.probe_schema(), "probe", PROBE_RECIPE)
+FINETUNE = Job("finetune", mae_results.FINETUNE_FILE, mae_results.finetune_schema(), "finetune", FINETUNE_RECIPE)
 
 
 # -- choosing encoders and their configs ---------------------------------------------------
@@ -291,6 +300,46 @@ def finished_in(table: RunTable, job: Job, run_id: str, targets: list[Target], f
     return [t for t in targets if (run_id, t.trial_id, t.checkpoint, init) in done]
 
 
+# -- the run's record ---------------------------------------------------------------------
+
+
+def record_path(job: Job, folder: Path, run_id: str) -> Path:
+    return folder / f"{job.kind}-runs" / f"{run_id}.json"
+
+
+def write_record(path: Path, job: Job, run_id: str, argv: list[str], targets: list[Target], workers: int,
+                 from_scratch: bool) -> None:
+    """What run `run_id` sets out to do, written (atomically) before it starts; --resume checks against it."""
+    record = {"kind": job.kind, "run_id": run_id, "argv": argv, "workers": workers, "from_scratch": from_scratch,
+              "targets": [{"label": t.label, "trial_id": t.trial_id, "checkpoint": t.checkpoint,
+                           "config": to_dict(t.cfg)} for t in targets]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resume_mismatch(record: dict[str, Any], job: Job, targets: list[Target], workers: int,
+                    from_scratch: bool) -> str | None:
+    """Why this command would not continue the recorded run (None: it would)."""
+    chosen = [(t["trial_id"], t["checkpoint"]) for t in record["targets"]]
+    if chosen != [(t.trial_id, t.checkpoint) for t in targets]:
+        return (f"it chooses other encoders (the run's: {', '.join(t['label'] for t in record['targets'])}; "
+                f"now: {', '.join(t.label for t in targets)})")
+    if record["from_scratch"] != from_scratch:
+        return f"--from-scratch is {'on' if from_scratch else 'off'} now, not in the run"
+    if record["workers"] != workers:
+        return f"it runs {workers} worker(s) per encoder, the run {record['workers']}"
+    for saved, target in zip(record["targets"], targets):
+        changes = recipe_changes(saved["config"], target.cfg, job.recipe)
+        if changes:
+            return f"{target.label} would run with other settings ({'; '.join(changes)})"
+    return None
+
+
 def make_row(job: Job, target: Target, run_id: str, sweep: str, version: str, metrics: dict[str, Any] | None,
              error: str | None, from_scratch: bool) -> dict[str, Any]:
     flat = flatten(target.cfg)
@@ -331,8 +380,8 @@ def build_parser(job: Job, description: str) -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS); none: an embedded Ray")
     p.add_argument("--resume", metavar="RUN_ID",
                    help="continue an interrupted or failed run (its run_id, printed when it starts and in the "
-                        "table): with the same selection, the encoders it finished are kept, the others continue "
-                        "from their last checkpoints")
+                        "table) with the same arguments: the encoders it finished are kept, the others continue "
+                        "from their last checkpoints; other encoders or settings than the run's are refused")
     testing = p.add_argument_group("fault injection (tests)")
     testing.add_argument("--fail-at-epoch", type=int, default=0, metavar="K",
                          help="kill each run's rank-0 worker once, right after epoch K is reported; it resumes "
@@ -347,6 +396,7 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
     from ray_jobs.sweep import code_version
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     if args is None:
         args = build_parser(job, description).parse_args(argv)
     try:
@@ -368,18 +418,38 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
     concurrent = args.max_concurrent or targets[0].cfg.sweep.max_concurrent
     run_id = args.resume or datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + \
         uuid.uuid4().hex[:6]
+    record = record_path(job, folder, run_id)
     if args.resume:
-        if not any(r["run_id"] == run_id for r in table.rows) and not any(folder.glob(f"{job.kind}*-{run_id}")):
-            print(f"error: --resume {run_id}: no {job.kind} run of that id in {folder} (no row in {job.table}, no "
-                  f"Train run folder); the id is the run_id column's value, printed when the run started",
-                  file=sys.stderr)
+        if not record.is_file() and not any(r["run_id"] == run_id for r in table.rows) \
+                and not any(folder.glob(f"{job.kind}*-{run_id}")):
+            print(f"error: --resume {run_id}: no {job.kind} run of that id in {folder} (no record in {record.parent}, "
+                  f"no row in {job.table}, no Train run folder); the id is the run_id column's value, printed when "
+                  "the run started", file=sys.stderr)
             return 2
+        if record.is_file():
+            try:
+                saved = json.loads(record.read_text())
+                why = resume_mismatch(saved, job, targets, workers, from_scratch)
+            except (ValueError, KeyError, TypeError) as e:
+                print(f"error: --resume {run_id}: cannot read the run's record {record} ({type(e).__name__}: {e}); "
+                      "delete it to resume without checking that this command continues that run", file=sys.stderr)
+                return 2
+            if why:
+                print(f"error: --resume {run_id}: this command does not continue that run: {why}. The run's "
+                      f"arguments were: {shlex.join(saved['argv'])} (from {record}); resume with those, or start a "
+                      "new run without --resume", file=sys.stderr)
+                return 2
+        else:  # a run from before records were written (2026-11-29)
+            log.warning("run %s has no record (%s); resuming with this command's encoders and settings unchecked",
+                        run_id, record)
         done = finished_in(table, job, run_id, targets, from_scratch)
         targets = [t for t in targets if t not in done]
         log.info("resuming %s run %s: %d encoder(s) finished before, %d to run", job.kind, run_id, len(done),
                  len(targets))
     else:
-        log.info("%s run %s; if it is interrupted, add --resume %s to the same command", job.kind, run_id, run_id)
+        write_record(record, job, run_id, argv, targets, workers, from_scratch)
+        log.info("%s run %s (record: %s); if it is interrupted, add --resume %s to the same command", job.kind,
+                 run_id, record, run_id)
     version = code_version()
     failed = 0
     if targets:

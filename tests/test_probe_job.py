@@ -194,3 +194,32 @@ def test_an_interrupted_job_says_how_to_continue(sweep_folder, tmp_path, capsys,
     assert reuse.main(reuse.PROBE, ["--sweep", str(sweep_folder), "--out", str(tmp_path)], "") == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume 20" in err  # the run id: UTC time + suffix
+
+
+def test_a_resume_that_would_choose_or_run_otherwise_is_refused_before_ray(sweep_folder, tmp_path, capsys,
+                                                                         monkeypatch):
+    started = []
+
+    def run_all(job, targets, table, folder, run_id, *rest):
+        started.append((run_id, [t.label for t in targets], targets[0].cfg))
+        return 0
+
+    monkeypatch.setattr(reuse, "run_all", run_all)
+    argv = ["--sweep", str(sweep_folder), "--top-k", "2", "--out", str(tmp_path), "--set", "probe.epochs=3"]
+    assert reuse.main(reuse.PROBE, argv, "") == 0
+    (run_id, labels, _), = started
+    record = json.loads(reuse.record_path(reuse.PROBE, tmp_path, run_id).read_text())
+    assert record["argv"] == argv and [t["label"] for t in record["targets"]] == labels == ["t1", "t2"]
+    capsys.readouterr()
+
+    for changed, why in [(["--top-k", "1"], "other encoders (the run's: t1, t2; now: t1)"),
+                         (["--metric", "final_train_loss"], "other encoders (the run's: t1, t2; now: t0, t1)"),
+                         (["--set", "probe.epochs=4"], "t1 would run with other settings (probe.epochs: 3 -> 4)")]:
+        assert reuse.main(reuse.PROBE, [*argv, *changed, "--resume", run_id], "") == 2
+        err = capsys.readouterr().err
+        assert why in err and "--top-k 2" in err and "probe.epochs=3" in err  # the run's own arguments
+    assert len(started) == 1  # none of them ran
+
+    # how it runs may change: more loader workers
+    assert reuse.main(reuse.PROBE, [*argv, "--set", "data.num_workers=1", "--resume", run_id], "") == 0
+    assert started[-1][:2] == (run_id, ["t1", "t2"]) and started[-1][2].data.num_workers == 1
