@@ -225,3 +225,24 @@ def check_recipe(payload: dict[str, Any], source: Path, cfg: ExperimentConfig, r
     if changes:
         raise CheckpointError(f"{source} was written by a run with other settings ({'; '.join(changes)}); a resume "
                               "continues that run: set those values back to its own, or start in another run folder")
+
+
+def check_world_size(payload: dict[str, Any], source: Path, world_size: int) -> None:
+    """CheckpointError unless payload was written by `world_size` processes (one RNG state each): the
+    data shards, the effective batch and so the lr follow the count, so another one is another run."""
+    written = len(payload["rng"]) if isinstance(payload.get("rng"), list) else 1  # a dict: before per-rank states
+    if written != world_size:
+        raise CheckpointError(f"{source} was written by {written} process(es), and this run has {world_size}; "
+                              "resume it with as many (--workers, sweep.workers_per_trial), or start in another run "
+                              "folder")
+
+
+def check_epoch_length(payload: dict[str, Any], source: Path, steps_per_epoch: int) -> None:
+    """CheckpointError unless payload's run took `steps_per_epoch` optimizer steps per epoch, as this one
+    would: the lr schedule is laid out in steps, so another count would make it jump."""
+    epoch, step = int(payload["epoch"]), int(payload["step"])
+    if step != epoch * steps_per_epoch:
+        raise CheckpointError(f"{source}: its run took {step // max(1, epoch)} optimizer steps per epoch and this one "
+                              f"takes {steps_per_epoch}, so the training set or the batch differs (a data folder or "
+                              "store with another number of images?); resume over the same data, or start in another "
+                              "run folder")

@@ -449,8 +449,11 @@ EXECUTION_KEYS = frozenset({
 })
 # What each kind of run computes from, as keys or sections ("optim."), for recipe_changes
 PRETRAIN_RECIPE = ("model.", "mask.", "data.", "optim.", "train.")
-FINETUNE_RECIPE = ("model.", "finetune.", "train.seed", "data.dataset", "data.hflip", "data.synthetic_size")
-PROBE_RECIPE = ("probe.", "train.seed", "data.dataset", "data.hflip", "data.synthetic_size")
+_ENCODER_AND_DATA = ("model.name", "model.img_size", "model.patch_size", "model.in_chans", "train.seed",
+                     "data.dataset", "data.hflip", "data.synthetic_size")
+FINETUNE_RECIPE = ("finetune.", *_ENCODER_AND_DATA)
+PROBE_RECIPE = (*(f"probe.{f.name}" for f in dataclasses.fields(ProbeConfig) if not f.name.startswith("quick_")),
+                *_ENCODER_AND_DATA)  # the full probe's: the quick probe's keys are not read
 
 
 def recipe_changes(saved: dict[str, Any], cfg: ExperimentConfig, recipe: tuple[str, ...]) -> list[str]:

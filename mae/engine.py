@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, check_recipe, checkpoint_due, latest_checkpoint, load_checkpoint, model_state, resume_source,
-    rng_state, save_epoch_checkpoint, set_rng_state,
+    CheckpointError, check_epoch_length, check_recipe, check_world_size, checkpoint_due, latest_checkpoint,
+    load_checkpoint, model_state, resume_source, rng_state, save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import (
     PRETRAIN_RECIPE, ExperimentConfig, config_from_dict, derived_values, resolved_model_args, to_dict, uses_cuda_graphs,
@@ -254,6 +254,8 @@ def pretrain(
     if source is not None:
         payload = load_checkpoint(source)
         check_recipe(payload, source, cfg, PRETRAIN_RECIPE)
+        check_world_size(payload, source, world_size)
+        check_epoch_length(payload, source, steps_per_epoch)
         model.load_state_dict(model_state(payload), strict=True)
         try:
             optimizer.load_state_dict(payload["optimizer"])

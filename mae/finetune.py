@@ -53,8 +53,8 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, check_kind, check_recipe, checkpoint_due, load_checkpoint, model_state, resume_source, rng_state,
-    save_epoch_checkpoint, set_rng_state,
+    CheckpointError, check_epoch_length, check_kind, check_recipe, check_world_size, checkpoint_due, load_checkpoint,
+    model_state, resume_source, rng_state, save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import FINETUNE_RECIPE, ExperimentConfig, resolved_model_args, to_dict, uses_cuda_graphs
 from mae.data import build_dataset, eval_loader
@@ -311,9 +311,7 @@ def finetune(
         except (RuntimeError, ValueError) as e:  # another model shape, or other parameter groups
             raise CheckpointError(f"{source} does not fit this fine-tuning run's model or optimizer ({e}); resume "
                                   "with the config that wrote it, or start in another run folder") from e
-        if len(payload["rng"]) != world_size:  # one RNG state per rank; the lr and the shards follow the count
-            raise CheckpointError(f"{source} was written by {len(payload['rng'])} process(es), and this run has "
-                                  f"{world_size}; resume it with as many (--workers)")
+        check_world_size(payload, source, world_size)
         start_epoch, step = int(payload["epoch"]), int(payload["step"])
         images, train_time = int(payload["images"]), float(payload["train_time_s"])
         result.epochs = list(payload["history"])
@@ -337,6 +335,8 @@ def finetune(
         log.info("data.num_workers 0: fine-tuning's training images are augmented inline, without prefetching")
         depth = 0
     steps_per_epoch = len(train_loader)
+    if payload is not None:
+        check_epoch_length(payload, source, steps_per_epoch)
     total, warmup = f.epochs * steps_per_epoch, int(round(f.warmup_epochs * steps_per_epoch))
     for epoch in range(start_epoch, f.epochs):
         sampler.set_epoch(epoch)

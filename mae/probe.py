@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, check_kind, check_recipe, checkpoint_due, load_checkpoint, resume_source, rng_state,
-    save_checkpoint, save_epoch_checkpoint, set_rng_state,
+    CheckpointError, check_epoch_length, check_kind, check_recipe, checkpoint_due, load_checkpoint, resume_source,
+    rng_state, save_checkpoint, save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import PROBE_RECIPE, ExperimentConfig, to_dict
 from mae.data import build_dataset, collate_skip_none, eval_loader
@@ -266,6 +266,7 @@ def linear_probe(
         payload = check_kind(load_checkpoint(source), source, CHECKPOINT_KIND, "linear-probe",
                              "mae.probe.linear_probe")
         check_recipe(payload, source, cfg, PROBE_RECIPE)
+        check_epoch_length(payload, source, steps_per_epoch)
         if not torch.equal(payload["encoder_fingerprint"], fingerprint):
             raise CheckpointError(f"{source} was written while probing another encoder; resume with the encoder "
                                   "it probed, or start in another run folder")

@@ -34,8 +34,8 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mae.checkpoint import load_checkpoint
-from mae.config import ConfigError, ExperimentConfig, config_from_dict, load_config, to_dict
+from mae.checkpoint import CheckpointError, check_recipe, check_world_size, latest_checkpoint, load_checkpoint
+from mae.config import PRETRAIN_RECIPE, ConfigError, ExperimentConfig, config_from_dict, load_config, to_dict
 from mae.engine import PretrainCallback, load_model, pretrain
 from mae.probe import quick_probe
 from ray_jobs import cluster
@@ -216,6 +216,19 @@ def checkpoint_location(checkpoint: Checkpoint, storage: str) -> str:
     return f"{storage.split('://', 1)[0]}://{checkpoint.path}"  # s3://bucket/..., file:///abs/...
 
 
+def check_rerun(cfg: ExperimentConfig, storage: str, name: str) -> None:
+    """Before Ray starts: CheckpointError if run `name` has a checkpoint that resuming it with cfg would refuse
+    (other settings, another worker count). Inside Ray every worker would raise it, and Ray retry the group
+    sweep.max_failures times. Local storage only; a URI's run is checked by its workers."""
+    if "://" in storage:
+        return
+    last = latest_checkpoint(Path(storage) / name)
+    if last is not None:
+        payload = load_checkpoint(last)
+        check_recipe(payload, last, cfg, PRETRAIN_RECIPE)
+        check_world_size(payload, last, cfg.sweep.workers_per_trial)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="experiments/smoke.yaml", help="experiment YAML")
@@ -236,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     storage = resolve_storage(args.storage)
     name = args.name or f"pretrain-{cfg.name}"
+    try:
+        check_rerun(cfg, storage, name)
+    except CheckpointError as e:
+        print(f"error: --name {name} resumes that run, and its last checkpoint refuses this command: {e} (here: "
+              "another --name)", file=sys.stderr)
+        return 2
     cluster.init_ray(args.address)
     out = fit_and_probe(cfg, name, storage, probe=not args.no_probe)
     out.pop("history", None)

@@ -325,16 +325,16 @@ def write_record(path: Path, job: Job, run_id: str, argv: list[str], targets: li
 def resume_mismatch(record: dict[str, Any], job: Job, targets: list[Target], workers: int,
                     from_scratch: bool) -> str | None:
     """Why this command would not continue the recorded run (None: it would)."""
-    chosen = [(t["trial_id"], t["checkpoint"]) for t in record["targets"]]
-    if chosen != [(t.trial_id, t.checkpoint) for t in targets]:
+    saved_configs = {(t["trial_id"], t["checkpoint"]): t["config"] for t in record["targets"]}
+    if set(saved_configs) != {(t.trial_id, t.checkpoint) for t in targets}:  # in any order: ties may swap
         return (f"it chooses other encoders (the run's: {', '.join(t['label'] for t in record['targets'])}; "
                 f"now: {', '.join(t.label for t in targets)})")
     if record["from_scratch"] != from_scratch:
-        return f"--from-scratch is {'on' if from_scratch else 'off'} now, not in the run"
+        return f"--from-scratch was {'given' if record['from_scratch'] else 'not given'} in the run"
     if record["workers"] != workers:
         return f"it runs {workers} worker(s) per encoder, the run {record['workers']}"
-    for saved, target in zip(record["targets"], targets):
-        changes = recipe_changes(saved["config"], target.cfg, job.recipe)
+    for target in targets:
+        changes = recipe_changes(saved_configs[target.trial_id, target.checkpoint], target.cfg, job.recipe)
         if changes:
             return f"{target.label} would run with other settings ({'; '.join(changes)})"
     return None
@@ -447,7 +447,11 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
         log.info("resuming %s run %s: %d encoder(s) finished before, %d to run", job.kind, run_id, len(done),
                  len(targets))
     else:
-        write_record(record, job, run_id, argv, targets, workers, from_scratch)
+        try:
+            write_record(record, job, run_id, argv, targets, workers, from_scratch)
+        except OSError as e:
+            print(f"error: cannot write the run's record {record} ({e}); choose a writable --out", file=sys.stderr)
+            return 2
         log.info("%s run %s (record: %s); if it is interrupted, add --resume %s to the same command", job.kind,
                  run_id, record, run_id)
     version = code_version()

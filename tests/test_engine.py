@@ -80,6 +80,15 @@ def test_a_resume_with_other_settings_is_refused_and_keeps_the_runs_config(tmp_p
                                  "data.num_workers=1", "train.progress=false", "name=renamed"), tmp_path)
     assert resumed.epochs == [] and load_config(tmp_path / "config.yaml").data.data_dir == str(moved)
 
+    written = load_checkpoint(tmp_path / "checkpoint-0001")  # as 2 DDP processes would: 2 RNG states
+    save_checkpoint(tmp_path / "ddp" / "checkpoint-0001", {**written, "rng": [written["rng"]] * 2})
+    with pytest.raises(CheckpointError, match="written by 2 process.*this run has 1"):
+        pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=1"), tmp_path / "ddp")
+    # a data folder holding another number of images: epochs of another length, the schedule would jump
+    save_checkpoint(tmp_path / "other-data" / "checkpoint-0001", {**written, "step": written["step"] + 1})
+    with pytest.raises(CheckpointError, match="took 5 optimizer steps per epoch and this one takes 4"):
+        pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=1"), tmp_path / "other-data")
+
 
 @pytest.mark.parametrize("pipeline,prefetch,workers", [("cpu", 0, 0), ("cpu", 0, 1), ("device", 2, 0)])
 def test_resume_gives_the_same_result(tmp_path, fashion_mnist_dir, pipeline, prefetch, workers):

@@ -219,6 +219,9 @@ def test_a_resume_that_would_choose_or_run_otherwise_is_refused_before_ray(sweep
         err = capsys.readouterr().err
         assert why in err and "--top-k 2" in err and "probe.epochs=3" in err  # the run's own arguments
     assert len(started) == 1  # none of them ran
+    _, targets = reuse.choose(_args(*argv))
+    assert reuse.resume_mismatch(record, reuse.PROBE, targets[::-1], 1, False) is None  # tied trials may swap
+    assert reuse.resume_mismatch(record, reuse.PROBE, targets, 1, True) == "--from-scratch was not given in the run"
 
     # how it runs may change: more loader workers
     assert reuse.main(reuse.PROBE, [*argv, "--set", "data.num_workers=1", "--resume", run_id], "") == 0

@@ -352,3 +352,21 @@ def test_checkpoint_paths_on_uri_storage_keep_their_scheme():
     location = checkpoint_location(local, "file:///tmp/results")
     assert location.startswith("file://") and pafs.FileSystem.from_uri(location)[1] == local.path
     assert checkpoint_location(Checkpoint("/abs/results/x"), "/abs/results") == "/abs/results/x"
+
+
+def test_a_pretraining_rerun_its_checkpoint_would_refuse_stops_before_ray(tmp_path, fashion_mnist_dir, capsys):
+    import ray
+
+    from mae.engine import pretrain
+    from ray_jobs import pretrain as pretrain_job
+
+    smoke = str(REPO / "experiments" / "smoke.yaml")
+    argv = ["--experiment", smoke, "--storage", str(tmp_path), "--name", "run", "--set", "train.epochs=1",
+            "--set", f"data.data_dir={fashion_mnist_dir}", "--set", "data.train_subset=64",
+            "--set", "train.batch_size=32"]
+    pretrain(load_config(smoke, argv[7::2]), tmp_path / "run")  # the run's first attempt
+    assert pretrain_job.main([*argv, "--set", "mask.ratio=0.5"]) == 2
+    assert "--name run resumes that run" in capsys.readouterr().err and not ray.is_initialized()
+    assert pretrain_job.main([*argv, "--workers", "2"]) == 2
+    assert "written by 1 process(es), and this run has 2" in capsys.readouterr().err
+    pretrain_job.check_rerun(load_config(smoke, [*argv[7::2], "data.num_workers=1"]), str(tmp_path), "run")  # fine
