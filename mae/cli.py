@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from mae.checkpoint import CheckpointError, load_checkpoint
-from mae.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, load_config, to_dict
+from mae.config import (
+    ConfigError, ExperimentConfig, apply_overrides, config_from_dict, load_config, resolved_model_args, to_dict,
+)
 from mae.data import DATA_DIR_ENV, CorruptDatasetError, DatasetNotFoundError
 
 log = logging.getLogger("mae")
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="store folder to create (default: data.predecoded_dir)")
     p.add_argument("--short-side", type=int, default=256,
                    help="shrink each image so its shorter side is at most this (0: keep full size; default 256)")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="default: model.in_chans if set, else 3 (RGB)")
+    p.add_argument("--channels", type=int, choices=(1, 3),
+                   help="default: the model's input channels (model.in_chans, else its variant's)")
     p.add_argument("--workers", type=int, help="decoding processes (default: data.num_workers)")
     _common(p)
     return parser
@@ -171,7 +174,7 @@ def cmd_predecode(args: argparse.Namespace) -> int:
              args.short_side or "full size", workers)
     try:
         meta = write_store(source, Path(cfg.data.predecoded_dir).expanduser(), args.short_side or None,
-                           in_chans=args.channels or cfg.model.in_chans or 3, workers=workers)
+                           in_chans=args.channels or resolved_model_args(cfg)["in_chans"], workers=workers)
     except FileExistsError as e:
         raise ConfigError(str(e)) from e
     print(json.dumps({k: v for k, v in meta.items() if k != "classes"} | {"classes": len(meta["classes"])}, indent=2))

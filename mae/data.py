@@ -4,6 +4,7 @@ Every dataset yields (image (C, H, W) float, label int). Pretraining transforms 
 paper's: RandomResizedCrop(scale=(0.2, 1)) and a horizontal flip, nothing else.
 """
 
+import functools
 import gzip
 import logging
 import os
@@ -126,6 +127,10 @@ def read_pil(source: str | Path | BinaryIO, mode: str) -> Image.Image:
     Raises one of PIL_ERRORS when the file is not a readable image.
     """
     with Image.open(source) as im:
+        if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+            # 16-bit greyscale: PIL's convert clips at 255 rather than scaling, which whitens
+            # nearly every pixel; scale 0..65535 to 0..255 first
+            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8), "L")
         return im.convert(mode)  # forces a full decode: truncation shows here
 
 
@@ -307,10 +312,26 @@ def fashion_mnist_root(cfg: ExperimentConfig) -> Path:
 
 
 def imagefolder_root(cfg: ExperimentConfig, split: str) -> Path:
-    """root/train or root/val of an ImageFolder tree when present, else root for both splits."""
+    """root/train or root/val of an ImageFolder tree, or root for both splits when it has
+    neither (a warning says that the test split is then the training images)."""
     root = resolve_data_dir(cfg.data.data_dir, None)
-    folder = root / ("train" if split == "train" else "val")
-    return folder if folder.is_dir() else root
+    train, val = root / "train", root / "val"
+    if train.is_dir() != val.is_dir():
+        has, lacks = (train, val) if train.is_dir() else (val, train)
+        raise DatasetNotFoundError(f"{root} has {has.name}/ but no {lacks.name}/: put the "
+                                   f"{'held-out' if lacks is val else 'training'} images in {lacks}, one folder per "
+                                   "class, or point data.data_dir at a folder of class folders")
+    if not train.is_dir():
+        _warn_one_split(root)
+        return root
+    return train if split == "train" else val
+
+
+@functools.cache
+def _warn_one_split(root: Path) -> None:
+    log.warning("%s has no train/ and val/ folders: both splits read its images, so test top-1 is measured on "
+                "training images; put held-out images in %s/val (and the others in %s/train) for a held-out score",
+                root, root, root)
 
 
 def spread_subset(dataset: Dataset, k: int | None) -> Dataset:
@@ -320,8 +341,9 @@ def spread_subset(dataset: Dataset, k: int | None) -> Dataset:
     An ImageFolder (and a pre-decoded store, which keeps its order) lists its images class
     by class: its first k images would be the first few classes, and a quick probe on
     10,000 ImageNet images would see 8 of the 1,000 classes it is scored on. Evenly spaced,
-    every class keeps its share. Fixed, not random: every pipeline and every run picks the
-    same images. (Fashion-MNIST's files are in no class order; it keeps its first k.)
+    every class keeps its share. Fixed, not random: every run picks the same images, and every
+    pipeline does while no image is unreadable (a store drops those, so its later picks shift).
+    (Fashion-MNIST's files are in no class order; it keeps its first k.)
     """
     n = len(dataset)
     if k is None or k >= n:

@@ -21,9 +21,11 @@ measurement says GPU decoding holds the step back.
 
 Interpolation: bicubic with antialiasing, the CPU path's filter (torchvision v2
 RandomResizedCrop(BICUBIC, antialias=True)), so switching pipelines does not change what
-the model sees. The differences: no rounding to uint8 after the resize (the CPU path
-stores uint8, i.e. at most 0.5/255 apart), and float rather than torchvision's
-fixed-point uint8 kernel on the CPU.
+the model sees. The differences: no rounding to uint8 after the resize, and float rather
+than torchvision's fixed-point uint8 kernel on the CPU, which also clamps to 0..255 between
+its horizontal and vertical passes where bicubic overshoots. Measured on one random crop
+resize (2026-11-29, torch 2.14.1): about 1/255 apart on smooth images, up to 19/255 at
+single pixels of uniform noise, where the overshoot is largest.
 
 Symbols: N images, C channels, H, W source height and width, S output side.
 """
@@ -47,7 +49,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from mae.config import ExperimentConfig, resolved_model_args
 from mae.data import (
-    PIL_ERRORS, FashionMNIST, ImageFolder, build_dataset, collate_skip_none, decode_pil,
+    PIL_ERRORS, DatasetNotFoundError, FashionMNIST, ImageFolder, build_dataset, collate_skip_none, decode_pil,
     fashion_mnist_root, imagefolder_root, normalization, pretrain_transform, spread_subset,
 )
 from mae.predecoded import PackedBatch, PredecodedImages, collate_packed
@@ -533,15 +535,45 @@ class Prefetcher:
         self.close()
 
 
-def prefetch_depth(cfg: ExperimentConfig, device: torch.device | str) -> int:
+def prefetch_depth(cfg: ExperimentConfig, device: torch.device | str, to_batch: Callable | None = None) -> int:
     """data.prefetch, or its default: 2 batches ahead on CUDA, inline (0) elsewhere.
 
     On a CPU the thread's kernels would share the cores with the step's, which costs
     more than the overlap gains (BENCHMARKS.md has the oversubscription figures).
+
+    to_batch: pass the run's when its step draws from torch's, Python's or numpy's global
+    RNGs (pretraining's masks, fine-tuning's random erasing and mixup). If the loader then
+    augments in this process (data.num_workers 0, to_batch a ToDevice), the depth is 0: a
+    thread would run the crops, drawing from the same RNGs as the step, interleaved by
+    timing, so no run (nor resume) would draw the same twice.
     """
-    if cfg.data.prefetch is not None:
-        return cfg.data.prefetch
-    return 2 if torch.device(device).type == "cuda" else 0
+    depth = cfg.data.prefetch if cfg.data.prefetch is not None else 2 if torch.device(device).type == "cuda" else 0
+    if depth and cfg.data.num_workers == 0 and isinstance(to_batch, ToDevice):
+        (log.warning if cfg.data.prefetch else log.info)(
+            "data.num_workers 0 with data.pipeline %s: the training images are augmented inline, without "
+            "prefetching (a prefetch thread would draw from the RNGs the step draws from); set data.num_workers "
+            "to prepare batches ahead", cfg.data.pipeline)
+        return 0
+    return depth
+
+
+def warn_store_mismatch(store: PredecodedImages, cfg: ExperimentConfig, img_size: int) -> None:
+    """Warn when a store does not fit the run: made from another folder than data.data_dir's
+    training images (the test split is read from that folder), or shrunk below the model's input."""
+    try:
+        train = imagefolder_root(cfg, "train").resolve()
+    except DatasetNotFoundError:
+        train = None  # no data.data_dir: nothing to compare with (the test split will say so)
+    source = store.meta.get("source")
+    if train is not None and source and Path(source) != train:
+        log.warning("pre-decoded store %s was made from %s, but data.data_dir's training images are %s, whose test "
+                    "split the run is scored on; convert that folder, or point data.data_dir at the store's source",
+                    store.root, source, train)
+    short_side = store.meta.get("short_side")
+    if short_side and short_side < img_size:
+        log.warning("pre-decoded store %s was shrunk to a shorter side of %d px, below the model's img_size %d: "
+                    "every crop is enlarged; convert again with --short-side %d or more", store.root, short_side,
+                    img_size, img_size)
 
 
 class Transformed(torch.utils.data.Dataset):
@@ -605,6 +637,7 @@ def build_train_input(
         return dataset, default_collate, AugmentOnDevice(augment)
     if d.pipeline == "predecoded":
         dataset = PredecodedImages(Path(d.predecoded_dir).expanduser(), in_chans=args["in_chans"])
+        warn_store_mismatch(dataset, cfg, args["img_size"])
         if randaug is None:
             collate_fn, to_batch = collate_packed, UnpackAndAugment(augment)
         else:  # the store's pixels, cropped and augmented in the workers

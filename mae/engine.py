@@ -282,7 +282,7 @@ def pretrain(
         )
     train_step = TrainStep(train_model, optimizer, cfg, device, accum=accum)
 
-    depth = prefetch_depth(cfg, device)
+    depth = prefetch_depth(cfg, device, to_batch)  # 0 when the crops would run on its thread
     result = PretrainResult(run_dir=run_dir, epochs=[], derived=derived)
     t_run = time.perf_counter()
     images_total = 0

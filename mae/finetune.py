@@ -58,7 +58,7 @@ from mae.checkpoint import (
 )
 from mae.config import FINETUNE_RECIPE, ExperimentConfig, resolved_model_args, to_dict, uses_cuda_graphs
 from mae.data import build_dataset, eval_loader
-from mae.device_input import Prefetcher, ToDevice, build_train_input, prefetch_depth
+from mae.device_input import Prefetcher, build_train_input, prefetch_depth
 from mae.engine import (
     autocast, autocast_dtype, gather_per_rank, seed_everything, select_device, stand_in, worker_seed,
 )
@@ -327,13 +327,7 @@ def finetune(
     train_step = FinetuneStep(train_model, optimizer, cfg, device, classes)
     dtype = autocast_dtype(cfg, device)
 
-    depth = prefetch_depth(cfg, device)
-    if depth and cfg.data.num_workers == 0 and isinstance(to_batch, ToDevice):
-        # the crops and RandAugment would run in the prefetch thread, drawing from torch's and
-        # Python's global RNGs while this thread draws random erasing and mixup from Python's and
-        # numpy's: interleaved by timing, so no run (nor resume) would draw the same twice
-        log.info("data.num_workers 0: fine-tuning's training images are augmented inline, without prefetching")
-        depth = 0
+    depth = prefetch_depth(cfg, device, to_batch)  # 0 when the crops and RandAugment would run on its thread
     steps_per_epoch = len(train_loader)
     if payload is not None:
         check_epoch_length(payload, source, steps_per_epoch)

@@ -120,6 +120,32 @@ def test_imagefolder_without_classes(tmp_path):
         ImageFolder(tmp_path)
 
 
+def test_an_imagefolder_needs_both_splits_or_neither(tmp_path, caplog):
+    from mae.data import imagefolder_root
+
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.data_dir={tmp_path}"])
+    (tmp_path / "cat").mkdir()  # class folders at the top: both splits read them, with a warning
+    with caplog.at_level(logging.WARNING, logger="mae.data"):
+        assert imagefolder_root(cfg, "train") == imagefolder_root(cfg, "test") == tmp_path
+    assert "test top-1 is measured on training images" in caplog.text
+    (tmp_path / "train").mkdir()  # before: the test split was the root, with one class named "train"
+    with pytest.raises(DatasetNotFoundError, match=f"has train/ but no val/: put the held-out images in {tmp_path}"):
+        imagefolder_root(cfg, "test")
+    (tmp_path / "val").mkdir()
+    assert (imagefolder_root(cfg, "train"), imagefolder_root(cfg, "test")) == (tmp_path / "train", tmp_path / "val")
+
+
+def test_16_bit_greyscale_pngs_are_scaled_not_clipped(tmp_path):
+    from mae.data import decode_pil
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)  # a 16-bit gradient
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    for mode in ("L", "RGB"):
+        pixels = decode_pil(tmp_path / "ramp.png", mode).float()
+        assert pixels.mean() == pytest.approx(127.5, abs=1) and pixels.max() == 255  # clipped: mean 254.5
+        assert torch.equal(pixels[0], torch.from_numpy(np.round(ramp / 257)).float())
+
+
 class _Pids(torch.utils.data.Dataset):
     """Item i is (the reading process's pid, i), or None (an unreadable image) for i % 5 == 4."""
 

@@ -310,3 +310,20 @@ def test_epochs_report_the_time_spent_waiting_for_input(tmp_path, monkeypatch, f
     waited = {name: e["input_wait_frac"] * e["epoch_time_s"] for name, e in (("fast", fast), ("slow", slow))}
     assert 0 <= fast["input_wait_frac"] < slow["input_wait_frac"] <= 1
     assert waited["slow"] - waited["fast"] == pytest.approx(0.4, abs=0.1)
+
+
+@pytest.mark.parametrize("pipeline,workers,expected", [("cpu", 0, 0), ("cpu", 1, 2), ("device", 0, 2)])
+def test_crops_drawn_in_this_process_are_not_prefetched_on_a_thread(tmp_path, fashion_mnist_dir, monkeypatch,
+                                                                    pipeline, workers, expected):
+    """The cpu pipeline without workers crops in the loader, from torch's global RNG: on a prefetch
+    thread it would interleave with the masks the step draws from it. The device pipeline draws
+    from its own generator, in batch order, so it keeps the thread."""
+    import mae.engine
+
+    depths = []
+    real = mae.engine.Prefetcher
+    monkeypatch.setattr(mae.engine, "Prefetcher", lambda batches, to_batch, device, depth:
+                        depths.append(depth) or real(batches, to_batch, device, depth))
+    pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=1", "data.prefetch=2", f"data.pipeline={pipeline}",
+                       f"data.num_workers={workers}", "mask.strategy=block"), tmp_path)
+    assert depths == [expected]

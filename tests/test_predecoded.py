@@ -296,7 +296,7 @@ def test_cli_converts_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["predecode", "--data-dir", str(src), "--out", str(out), "--short-side", "0"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["count"] == 5 and printed["short_side"] is None and printed["classes"] == 2
-    assert PredecodedImages(out)[0][0].shape == (3, 60, 80)  # 0: full size
+    assert PredecodedImages(out)[0][0].shape == (1, 60, 80)  # 0: full size; the default model's 1 channel
     assert main(["predecode", "--data-dir", str(src), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["predecode", "--data-dir", str(src)]) == 2
@@ -318,3 +318,17 @@ def test_cuda_pipeline_from_pinned_batches_matches_the_cpu(store):
     assert results["cuda"][0].device.type == "cuda"
     torch.testing.assert_close(results["cuda"][0].cpu(), results["cpu"][0], atol=1e-3, rtol=0)
     assert torch.equal(results["cuda"][1], results["cpu"][1])
+
+
+def test_a_store_that_does_not_fit_the_run_is_named_in_a_warning(store, tmp_path, caplog):
+    src, folder = store  # made from src at shorter side <= 40; folder_cfg's model takes 32 px
+    with caplog.at_level(logging.WARNING, logger="mae.device_input"):
+        build_pretrain_input(folder_cfg(src, "predecoded", f"data.predecoded_dir={folder}"), "cpu")
+    assert "pre-decoded store" not in caplog.text  # its own folder, big enough
+    other = tmp_path / "other"
+    (other / "a").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="mae.device_input"):
+        build_pretrain_input(folder_cfg(other, "predecoded", f"data.predecoded_dir={folder}", "model.img_size=64"),
+                             "cpu")
+    assert f"was made from {src.resolve()}, but data.data_dir's training images are {other.resolve()}" in caplog.text
+    assert "shorter side of 40 px, below the model's img_size 64" in caplog.text
