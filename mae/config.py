@@ -156,7 +156,7 @@ class SweepConfig:
     search: str = "grid"  # grid | optuna
     metric: str = "probe_top1"
     mode: str = "max"
-    num_samples: int = 1  # optuna: trials; grid: repeats of the whole grid
+    num_samples: int = 1  # optuna: trials; grid: repeats of the whole grid, each with its own train.seed
     max_concurrent: int = 1
     scheduler: str = "none"  # none | asha
     space: dict[str, Any] = field(default_factory=dict)  # "mask.ratio": [0.5, 0.75] or {low, high}

@@ -140,13 +140,14 @@ def build_trainer(cfg: ExperimentConfig, name: str, storage_path: str, scaling: 
     )
 
 
-def _probe(checkpoint: Checkpoint, threads: int) -> dict[str, Any]:
-    """Load the final checkpoint with mae and quick-probe its frozen encoder."""
+def _probe(checkpoint: Checkpoint, threads: int, use_gpu: bool) -> dict[str, Any]:
+    """Load the final checkpoint with mae and quick-probe its frozen encoder, on the GPU Ray gave
+    the task if it asked for one: Ray 2.60 shows every GPU to a task that asked for none."""
     torch.set_num_threads(max(1, threads))
     with checkpoint.as_directory() as folder:
         model, cfg = load_model(folder)
         history = list(load_checkpoint(folder).get("history", []))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     return {**quick_probe(model, cfg, device), "history": history}
 
 
@@ -161,7 +162,7 @@ def probe_checkpoint(checkpoint: Checkpoint, cfg: ExperimentConfig, use_gpu: boo
         num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if use_gpu else 0,
         scheduling_strategy="DEFAULT", max_retries=1,
     )
-    return ray.get(task.remote(checkpoint, max(1, int(s.cpus_per_worker))))
+    return ray.get(task.remote(checkpoint, max(1, int(s.cpus_per_worker)), use_gpu))
 
 
 def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -24,7 +24,13 @@ RANGE_KEYS = frozenset({"low", "high", "log"})
 # What a trial's last report carries (ray_jobs.sweep.run_trial), so what sweep.metric may name.
 OBJECTIVES = ("probe_top1", "probe_train_top1", "final_train_loss", "best_train_loss", "images_per_sec",
               "wall_time_s")
+# Searched keys that change what the reconstruction loss measures (how many patches it is over,
+# their normalisation, their size): trials searching them cannot be ranked by that loss.
+LOSS_SCALE_KEYS = ("mask.ratio", "mask.strategy", "model.norm_pix_loss", "model.patch_size")
+HIGHER_IS_BETTER = {"probe_top1": True, "probe_train_top1": True, "images_per_sec": True,
+                    "final_train_loss": False, "best_train_loss": False, "wall_time_s": False}
 MAX_GRID_CHECKS = 1000  # beyond this many grid points, values are checked one key at a time
+MAX_RANGE_CHECKS = 10000  # int ranges up to this many values are checked value by value
 
 
 @dataclass(frozen=True)
@@ -136,11 +142,18 @@ def validate_experiment(cfg: ExperimentConfig) -> list[Dimension]:
             f"sweep.space.{ranges[0].key}: a {{low, high}} range needs sweep.search: optuna; "
             "grid search takes a list of values"
         )
-    if cfg.sweep.scheduler == "asha" and any(d.key == "mask.ratio" for d in dims):
+    scale = [d.key for d in dims if d.key in LOSS_SCALE_KEYS]
+    if cfg.sweep.scheduler == "asha" and scale:
         raise ConfigError(
-            "sweep.scheduler: asha stops trials on their reconstruction loss, which falls as "
-            "mask.ratio falls; it would stop the best encoders first. Use scheduler: none for "
-            "mask-ratio sweeps"
+            f"sweep.scheduler: asha stops trials on their reconstruction loss, which {scale[0]} changes the "
+            "meaning of (it falls as mask.ratio falls); it would stop trials that are not worse. Use "
+            f"scheduler: none for sweeps of {', '.join(LOSS_SCALE_KEYS)}"
+        )
+    if scale and cfg.sweep.metric.endswith("_loss"):
+        raise ConfigError(
+            f"sweep.metric {cfg.sweep.metric}: the reconstruction loss of trials with other {scale[0]} values "
+            "measures other things (it falls as mask.ratio falls), so it would steer the search the wrong way; "
+            "rank by probe_top1, the frozen features' quality"
         )
     choices = [d for d in dims if isinstance(d, Choice)]
     n_points = math.prod(len(d.values) for d in choices)
@@ -154,8 +167,16 @@ def validate_experiment(cfg: ExperimentConfig) -> list[Dimension]:
                 _check_point(cfg, {d.key: v})
     first = grid_points(dims)[0]
     for r in ranges:
-        for end in (r.low, r.high):
-            _check_point(cfg, {**first, r.key: end})
+        # An int range's every value (a decoder width the heads must divide fails inside it, not
+        # at its ends); a float range's ends, between which the checks (bounds) cannot fail.
+        whole = r.is_int and r.high - r.low < MAX_RANGE_CHECKS
+        for value in range(int(r.low), int(r.high) + 1) if whole else (r.low, r.high):
+            try:
+                _check_point(cfg, {**first, r.key: value})
+            except ConfigError as e:
+                raise ConfigError(f"sweep.space.{r.key}: {{low: {r.low}, high: {r.high}}} holds {value}, which Optuna "
+                                  f"may draw: {e}. List the valid values instead ([a, b, ...]) or narrow the range") \
+                    from e
     return dims
 
 
@@ -164,6 +185,9 @@ def check_sizing(cfg: ExperimentConfig) -> None:
     s = cfg.sweep
     if s.metric not in OBJECTIVES:
         raise ConfigError(f"sweep.metric must be one of {list(OBJECTIVES)}, got {s.metric!r}")
+    best = "max" if HIGHER_IS_BETTER[s.metric] else "min"
+    if s.mode != best:
+        raise ConfigError(f"sweep.mode {s.mode!r} would search for the worst {s.metric}: set sweep.mode: {best}")
     if s.workers_per_trial < 1:
         raise ConfigError(f"sweep.workers_per_trial must be >= 1, got {s.workers_per_trial}")
     if s.cpus_per_worker <= 0:
@@ -179,6 +203,20 @@ def check_sizing(cfg: ExperimentConfig) -> None:
             f"{s.workers_per_trial} would put several DDP ranks on one GPU (NCCL refuses that); "
             "use whole GPUs for multi-worker trials, fractions for one-worker trials"
         )
+
+
+def seeded_repeats(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A grid's sweep.num_samples repeats as a train.seed dimension (train.seed, +1, ...) and
+    num_samples 1: Tune would run each repeat of a point with the same config, seed included,
+    so with the same result, and the repeats would say nothing about run-to-run spread."""
+    s = cfg.sweep
+    if s.search != "grid" or s.num_samples == 1:
+        return cfg
+    if any(d.key == "train.seed" for d in parse_space(s.space)):
+        raise ConfigError(f"sweep.num_samples {s.num_samples} repeats a grid that searches train.seed, so every "
+                          "repeat would be a copy: set sweep.num_samples to 1, or stop searching train.seed")
+    seeds = [cfg.train.seed + i for i in range(s.num_samples)]
+    return replace(cfg, {"sweep.space": {**s.space, "train.seed": seeds}, "sweep.num_samples": 1})
 
 
 def searched_keys(cfg: ExperimentConfig) -> list[str]:

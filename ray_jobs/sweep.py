@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
@@ -35,7 +35,7 @@ import mae
 from mae.config import ConfigError, ExperimentConfig, config_from_dict, flatten, load_config, replace, to_dict
 from ray_jobs import cluster, results
 from ray_jobs.pretrain import FaultInjection, fit_and_probe, resolve_storage
-from ray_jobs.space import Choice, Dimension, Range, validate_experiment
+from ray_jobs.space import Choice, Dimension, Range, seeded_repeats, validate_experiment
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,11 @@ class ParquetCallback(tune.Callback):
 
     def _row(self, trial: Any, status: str, error: str | None = None) -> None:
         params = dict(trial.config)
-        self.recorder.trial(trial.trial_id, replace(self.base, params), params, status, error)
+        try:
+            cfg = replace(self.base, params)
+        except ConfigError as e:  # a point validation could not rule out: the trial fails, the sweep goes on
+            cfg, status, error = self.base, "ERROR", error or f"not a valid experiment: {e}"
+        self.recorder.trial(trial.trial_id, cfg, params, status, error)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._row(trial, "RUNNING")
@@ -164,6 +168,21 @@ def tune_space(dims: list[Dimension], search: str) -> dict[str, Any]:
     return space
 
 
+class FinishingASHA(ASHAScheduler):
+    """ASHA that does not stop a trial on its last epoch's report: it has trained to the end,
+    and only its probe is left. ASHA puts rungs at grace_period x 4^k, so with train.epochs a
+    multiple of 4 one lies on the last epoch, and a trial cut there would lose its objective."""
+
+    def __init__(self, last_epoch: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._last_epoch = last_epoch
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if result.get(self._time_attr, 0) >= self._last_epoch:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
 def tune_config(cfg: ExperimentConfig) -> tune.TuneConfig:
     s = cfg.sweep
     search_alg = None
@@ -176,7 +195,7 @@ def tune_config(cfg: ExperimentConfig) -> tune.TuneConfig:
         # its last checkpoint again, which would push the count past max_t before its last
         # epoch. max_t one past the last epoch, so that epoch is never cut off before its
         # probe; the final report (the probe's) carries no epoch, and ASHA passes it by.
-        scheduler = ASHAScheduler(time_attr="epoch", metric="train_loss", mode="min",
+        scheduler = FinishingASHA(last_epoch=cfg.train.epochs, time_attr="epoch", metric="train_loss", mode="min",
                                   max_t=cfg.train.epochs + 1, grace_period=max(1, cfg.train.epochs // 4))
     return tune.TuneConfig(
         search_alg=search_alg, scheduler=scheduler, num_samples=s.num_samples,
@@ -323,7 +342,7 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
         extra.append(f"sweep.num_samples={args.num_samples}")
     if args.max_concurrent is not None:
         extra.append(f"sweep.max_concurrent={args.max_concurrent}")
-    cfg = _absolute_data_dir(load_config(args.experiment, list(args.overrides) + extra))
+    cfg = seeded_repeats(_absolute_data_dir(load_config(args.experiment, list(args.overrides) + extra)))
     storage = resolve_storage(args.storage)
     name = args.name or cfg.name
     folder = results.join(storage, name)

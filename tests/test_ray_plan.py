@@ -77,6 +77,9 @@ def test_grid_points_are_the_cross_product_in_order():
     (["sweep.scheduler=asha"], "asha stops trials on their reconstruction loss"),
     (["sweep.gpus_per_worker=0.5", "sweep.workers_per_trial=2"], "NCCL"),
     (["sweep.metric=probe_top5"], "sweep.metric must be one of"),
+    (["sweep.mode=min"], "would search for the worst probe_top1: set sweep.mode: max"),
+    (["sweep.metric=final_train_loss", "sweep.mode=min"], "rank by probe_top1"),  # the space holds mask.ratio
+    (["sweep.scheduler=asha", "sweep.space={model.norm_pix_loss: [true, false]}"], "asha stops trials"),
 ])
 def test_bad_sweeps_fail_validation_naming_the_problem(overrides, message):
     cfg = load_config(SMOKE_SWEEP, overrides)
@@ -370,3 +373,81 @@ def test_a_pretraining_rerun_its_checkpoint_would_refuse_stops_before_ray(tmp_pa
     assert pretrain_job.main([*argv, "--workers", "2"]) == 2
     assert "written by 1 process(es), and this run has 2" in capsys.readouterr().err
     pretrain_job.check_rerun(load_config(smoke, [*argv[7::2], "data.num_workers=1"]), str(tmp_path), "run")  # fine
+
+
+def test_an_int_range_is_checked_at_every_value_optuna_may_draw():
+    cfg = load_config(SMOKE_SWEEP, ["sweep.search=optuna",
+                                    "sweep.space={model.decoder_embed_dim: {low: 32, high: 128}}"])
+    with pytest.raises(ConfigError, match=r"\{low: 32, high: 128\} holds 33, which Optuna may draw: .*divisible by"):
+        validate_experiment(cfg)
+    validate_experiment(replace(cfg, {"sweep.space": {"model.decoder_depth": {"low": 1, "high": 4}}}))
+
+
+def test_a_point_that_is_not_a_valid_experiment_becomes_an_error_row_not_a_crash(tmp_path):
+    # Tune calls its callbacks without a try: an exception in one ends the whole sweep
+    import types
+
+    from ray_jobs import sweep
+
+    callback = sweep.ParquetCallback(str(tmp_path), load_config(SMOKE_SWEEP), "git:abc")
+    trial = types.SimpleNamespace(trial_id="t0", config={"model.decoder_embed_dim": 34})
+    callback.on_trial_start(0, [], trial)
+    row = pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist()[0]
+    assert row["status"] == "ERROR" and "divisible by 4, got 34" in row["error"]
+
+
+def test_a_grids_repeats_each_get_their_own_seed():
+    from ray_jobs.space import seeded_repeats
+
+    cfg = load_config(SMOKE_SWEEP, ["sweep.num_samples=3", "train.seed=7"])
+    repeated = seeded_repeats(cfg)
+    assert repeated.sweep.num_samples == 1 and repeated.sweep.space["train.seed"] == [7, 8, 9]
+    points = grid_points(validate_experiment(repeated))
+    assert len(points) == 3 * len(grid_points(validate_experiment(cfg)))
+    assert {p["train.seed"] for p in points} == {7, 8, 9}
+    assert seeded_repeats(load_config(SMOKE_SWEEP)) == load_config(SMOKE_SWEEP)  # one repeat: as it was
+    optuna = load_config(SMOKE_SWEEP, ["sweep.num_samples=3", "sweep.search=optuna"])
+    assert seeded_repeats(optuna) == optuna  # Optuna's samples are trials, not repeats
+    with pytest.raises(ConfigError, match="every repeat would be a copy"):
+        seeded_repeats(replace(cfg, {"sweep.space": {"train.seed": [0, 1]}}))
+
+
+@pytest.mark.parametrize("epochs", [4, 8])
+def test_asha_does_not_stop_a_trial_on_its_last_epoch(epochs):
+    # rungs at grace_period x 4^k: with epochs a multiple of 4, one lies on the last epoch
+    import types
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from ray_jobs import sweep
+
+    cfg = load_config(SMOKE_SWEEP, ["sweep.scheduler=asha", f"train.epochs={epochs}",
+                                    "sweep.space={model.decoder_depth: [1, 2]}"])
+    scheduler = sweep.tune_config(cfg).scheduler
+    good, bad = types.SimpleNamespace(trial_id="good"), types.SimpleNamespace(trial_id="bad")
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+    actions = {}
+    for epoch in range(1, epochs + 1):
+        for trial, loss in ((good, 1.0 - 0.05 * epoch), (bad, 1.0 - 0.04 * epoch)):  # bad trails good by a little
+            report = {"epoch": epoch, "train_loss": loss, "training_iteration": epoch}
+            actions[trial.trial_id, epoch] = scheduler.on_trial_result(None, trial, report)
+    assert actions["bad", epochs] == TrialScheduler.CONTINUE  # trained to the end: its probe comes next
+
+
+def test_the_quick_probe_uses_a_gpu_only_when_the_trial_asked_for_one(tmp_path, monkeypatch):
+    from ray.train import Checkpoint
+
+    from mae.checkpoint import save_checkpoint
+    from mae.config import to_dict
+    from mae.engine import build_model
+    from ray_jobs import pretrain as pretrain_job
+
+    cfg = load_config(SMOKE_SWEEP)
+    save_checkpoint(tmp_path / "checkpoint-0001", {"model": build_model(cfg).state_dict(), "config": to_dict(cfg)})
+    devices = []
+    monkeypatch.setattr(pretrain_job.torch.cuda, "is_available", lambda: True)  # a GPU node
+    monkeypatch.setattr(pretrain_job, "quick_probe", lambda model, cfg, device: devices.append(device) or {})
+    for use_gpu in (False, True):
+        pretrain_job._probe(Checkpoint.from_directory(str(tmp_path / "checkpoint-0001")), 1, use_gpu)
+    assert devices == ["cpu", "cuda"]

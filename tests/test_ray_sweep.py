@@ -214,7 +214,8 @@ def test_ray_job_submit_runs_the_sweep_on_a_cluster(ray_cluster, tmp_path):
                   env={**ray_cluster["env"], "RAY_AUTH_TOKEN": "not-the-token"})
     assert denied.returncode != 0, "the cluster accepted a wrong token"
     storage = tmp_path / "results"
-    for _ in range(24):
+    deadline = time.monotonic() + 300
+    while True:
         proc = _run(  # one trial with two DDP workers: the trial driver holds no CPU, so both fit on 2 CPUs
             [ray_bin, "job", "submit", "--address", ray_cluster["address"], "--working-dir", ".", "--",
              "python", "ray_jobs/sweep_mask_ratio.py", *TINY, "--set", "train.epochs=1",
@@ -224,7 +225,7 @@ def test_ray_job_submit_runs_the_sweep_on_a_cluster(ray_cluster, tmp_path):
         )
         # The dashboard answers before the node's job agent has registered (seen on a loaded
         # machine): the submission is refused, nothing ran, and it is safe to ask again.
-        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
             break
         time.sleep(5)
     assert proc.returncode == 0
