@@ -543,12 +543,13 @@ def prefetch_depth(cfg: ExperimentConfig, device: torch.device | str, to_batch: 
 
     to_batch: pass the run's when its step draws from torch's, Python's or numpy's global
     RNGs (pretraining's masks, fine-tuning's random erasing and mixup). If the loader then
-    augments in this process (data.num_workers 0, to_batch a ToDevice), the depth is 0: a
+    augments in this process (data.num_workers 0, to_batch a ToDevice; synthetic images draw
+    from their own generators, so they are not augmented there), the depth is 0: a
     thread would run the crops, drawing from the same RNGs as the step, interleaved by
     timing, so no run (nor resume) would draw the same twice.
     """
     depth = cfg.data.prefetch if cfg.data.prefetch is not None else 2 if torch.device(device).type == "cuda" else 0
-    if depth and cfg.data.num_workers == 0 and isinstance(to_batch, ToDevice):
+    if depth and cfg.data.num_workers == 0 and isinstance(to_batch, ToDevice) and cfg.data.dataset != "synthetic":
         (log.warning if cfg.data.prefetch else log.info)(
             "data.num_workers 0 with data.pipeline %s: the training images are augmented inline, without "
             "prefetching (a prefetch thread would draw from the RNGs the step draws from); set data.num_workers "

@@ -22,7 +22,7 @@ from mae.config import ConfigError, load_config
 from mae.data import SyntheticImages, build_dataset, collate_skip_none
 from mae.device_input import (
     AugmentOnDevice, DecodeAndAugment, DeviceAugment, EncodedBatch, Prefetcher, RawFashionMNIST,
-    build_pretrain_input, collate_encoded, decode_jpegs, prefetch_depth, sample_crop_boxes,
+    ToDevice, build_pretrain_input, collate_encoded, decode_jpegs, prefetch_depth, sample_crop_boxes,
 )
 
 RATIO = (3 / 4, 4 / 3)
@@ -489,6 +489,10 @@ def test_prefetch_setting_and_its_default():
         load_config(None, ["data.prefetch=-1"])
     assert prefetch_depth(load_config(), "cpu") == 0 and prefetch_depth(load_config(), "cuda") == 2
     assert prefetch_depth(load_config(None, ["data.prefetch=3"]), "cpu") == 3
+    crops_here = ToDevice("cpu")  # the cpu pipeline's: the loader augmented the batch
+    assert prefetch_depth(load_config(None, ["data.prefetch=3"]), "cpu", crops_here) == 0
+    assert prefetch_depth(load_config(None, ["data.prefetch=3", "data.num_workers=1"]), "cpu", crops_here) == 3
+    assert prefetch_depth(load_config(None, ["data.prefetch=3", "data.dataset=synthetic"]), "cpu", crops_here) == 3
 
 
 # -- on a GPU --------------------------------------------------------------------------

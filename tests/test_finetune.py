@@ -328,16 +328,16 @@ def test_an_interrupted_finetuning_run_resumes_to_the_uninterrupted_result(fashi
 
 
 @pytest.mark.parametrize("workers,expected", [(0, 0), (1, 2)])
-def test_images_augmented_in_this_process_are_not_prefetched_on_a_thread(pretrained, monkeypatch, workers, expected):
+def test_images_augmented_in_this_process_are_not_prefetched_on_a_thread(pretrained, monkeypatch, fashion_mnist_dir,
+                                                                        workers, expected):
     """With no DataLoader workers the crops and RandAugment would draw from the global RNGs on
     the prefetch thread while the step draws random erasing and mixup on this one."""
     depths = []
     real = mae.finetune.Prefetcher
     monkeypatch.setattr(mae.finetune, "Prefetcher", lambda loader, to_batch, device, depth:
                         depths.append(depth) or real(loader, to_batch, device, depth))
-    cfg = load_config(SMOKE, ["data.dataset=synthetic", "data.synthetic_size=64", *TINY_FINETUNE,
-                              "finetune.train_subset=64", "finetune.test_subset=16", "data.prefetch=2",
-                              f"data.num_workers={workers}"])
+    cfg = load_config(SMOKE, [f"data.data_dir={fashion_mnist_dir}", *TINY_FINETUNE, "finetune.train_subset=64",
+                              "finetune.test_subset=16", "data.prefetch=2", f"data.num_workers={workers}"])
     finetune(cfg, pretrained.state_dict(), device="cpu", progress=False)
     assert depths == [expected]
 
