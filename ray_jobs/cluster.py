@@ -2,9 +2,10 @@
 
 Two ways to run:
 
-- embedded (no address given and RAY_ADDRESS unset): start a private local Ray with all
-  CPUs, a `trial_driver` resource (one unit per concurrent trial) and the dashboard bound
-  to 127.0.0.1. Token authentication stays on (Ray's default for a new local cluster:
+- embedded (no address given and RAY_ADDRESS unset): start a private local Ray with the
+  CPUs this process may use (`available_cpus`: in a container, its limit), a
+  `trial_driver` resource (one unit per concurrent trial) and the dashboard bound to
+  127.0.0.1. Token authentication stays on (Ray's default for a new local cluster:
   the token lives in ~/.ray/auth_token unless RAY_AUTH_TOKEN(_PATH) says otherwise).
 - cluster (`ray job submit`, which sets RAY_ADDRESS, or `--address`): connect with no
   resource arguments. Start the head with a trial_driver resource:
@@ -40,6 +41,24 @@ def cluster_address(address: str | None) -> str | None:
     return None if address == "local" else address
 
 
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask (a container's cpuset), capped by a cgroup
+    CPU quota (`docker --cpus`, a Kubernetes CPU limit). os.cpu_count() is the host's, which in a
+    container would start more workers than it has CPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            if period_file is None:  # cgroup v2: "max 100000" or "<quota> <period>"
+                quota, period = (cgroup / quota_file).read_text().split()[:2]
+            else:  # cgroup v1: -1 when unlimited
+                quota, period = (cgroup / quota_file).read_text().strip(), (cgroup / period_file).read_text().strip()
+            if quota not in ("max", "-1") and int(period) > 0:
+                return max(1, min(cpus, int(quota) // int(period)))  # whole CPUs: a fraction would be throttled
+        except (OSError, ValueError):
+            continue
+    return max(1, cpus)
+
+
 def init_ray(address: str | None = None, trial_drivers: int = 1, num_cpus: int | None = None,
              dashboard: bool = True) -> str:
     """Start an embedded Ray or connect to a cluster; returns 'embedded' or 'cluster'."""
@@ -63,7 +82,7 @@ def init_ray(address: str | None = None, trial_drivers: int = 1, num_cpus: int |
     try:
         ray.init(
             address="local",
-            num_cpus=num_cpus or os.cpu_count() or 1,
+            num_cpus=num_cpus or available_cpus(),
             resources={TRIAL_DRIVER: max(1, trial_drivers)},
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",

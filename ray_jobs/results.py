@@ -42,7 +42,7 @@ EPOCHS_FILE = "epochs.parquet"
 TRIAL_COLUMNS: list[Column] = [
     Column("trial_id", pa.string(), "Ray Tune trial id; the trial's Train run is `train-<trial_id>`"),
     Column("sweep", pa.string(), "sweep name (the sweep folder's name)"),
-    Column("status", pa.string(), "PENDING, RUNNING, TERMINATED (finished and probed), STOPPED "
+    Column("status", pa.string(), "RUNNING, TERMINATED (finished and probed), STOPPED "
                                    "(ended early by the scheduler, not probed) or ERROR"),
     Column("params", pa.string(), "the searched values of this trial, as JSON {key: value}"),
     Column("objective", pa.string(), "name of the metric the sweep optimises (sweep.metric)"),

@@ -451,3 +451,22 @@ def test_the_quick_probe_uses_a_gpu_only_when_the_trial_asked_for_one(tmp_path, 
     for use_gpu in (False, True):
         pretrain_job._probe(Checkpoint.from_directory(str(tmp_path / "checkpoint-0001")), 1, use_gpu)
     assert devices == ["cpu", "cuda"]
+
+
+def test_the_embedded_ray_counts_the_cpus_a_container_allows(tmp_path, monkeypatch):
+    from ray_jobs import cluster
+
+    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: set(range(8)))  # an 8-CPU cpuset
+    mine = 8
+    assert cluster.available_cpus(tmp_path) == mine  # no cgroup files: the affinity mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # v2, no limit
+    assert cluster.available_cpus(tmp_path) == mine
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # docker --cpus=2.5: 2 whole CPUs
+    assert cluster.available_cpus(tmp_path) == 2
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")  # v1: one CPU's worth
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cluster.available_cpus(tmp_path) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cluster.available_cpus(tmp_path) == mine
