@@ -98,7 +98,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _with_cli_values(to_dict(load_config(args.config)), args)
     run_dir = Path(args.out or Path("runs") / cfg.name)
     log.info("pretraining %s into %s", cfg.model.name, run_dir)
-    result = pretrain(cfg, run_dir)
+    try:
+        result = pretrain(cfg, run_dir)
+    except CheckpointError as e:  # a refused resume: say which flag names another folder
+        raise CheckpointError(f"{e} (another run folder: --out DIR; the default is runs/<experiment name>)") from e
     summary = {"run_dir": str(run_dir), "checkpoint": str(result.checkpoint_dir),
                "final_loss": result.final_loss, "wall_time_s": result.wall_time_s,
                "images_per_sec": result.images_per_sec, **result.derived}

@@ -40,6 +40,16 @@ def test_pretrain_writes_checkpoint_config_and_summary(smoke_run):
     assert torch.load(smoke_run / "checkpoint-0001" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
+def test_pretrain_into_a_run_of_other_settings_is_refused_naming_the_flag(smoke_run, fashion_mnist_dir):
+    before = (smoke_run / "config.yaml").read_text()
+    proc = subprocess.run([sys.executable, "-m", "mae", "pretrain", "--config", "experiments/smoke.yaml",
+                           "--data-dir", str(fashion_mnist_dir), "--set", "train.epochs=1", "--set", "mask.ratio=0.5",
+                           "--out", str(smoke_run)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    assert "(mask.ratio: 0.75 -> 0.5)" in proc.stderr and "another run folder: --out DIR" in proc.stderr
+    assert (smoke_run / "config.yaml").read_text() == before
+
+
 @pytest.mark.slow
 def test_probe_command(smoke_run, tmp_path):
     out = tmp_path / "probe.json"
