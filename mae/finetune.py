@@ -286,12 +286,15 @@ def finetune(
     train_loader = DataLoader(train, batch_size=f.batch_size, sampler=sampler, drop_last=True,
                               num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                               persistent_workers=False, collate_fn=collate_fn, generator=worker_rng)
+    steps_per_epoch = len(train_loader)
     test_shard = Subset(test, eval_shard(len(test), rank, world_size))
     test_loader = eval_loader(test_shard, max(f.batch_size, 256), cfg.data.num_workers, device, persistent=True)
 
     init = "scratch" if from_scratch else "pretrained"
     source = resume_source(run_dir, resume_from)
-    payload = _resumable(load_checkpoint(source), source, init, cfg) if source is not None else None
+    payload = None
+    if source is not None:
+        payload = _resumable(load_checkpoint(source), source, init, cfg, world_size, steps_per_epoch)
     model = build_classifier(cfg, classes)
     start_weights = None
     if not from_scratch:  # also when resuming: the checkpoint must be of a run from these weights
@@ -311,7 +314,6 @@ def finetune(
         except (RuntimeError, ValueError) as e:  # another model shape, or other parameter groups
             raise CheckpointError(f"{source} does not fit this fine-tuning run's model or optimizer ({e}); resume "
                                   "with the config that wrote it, or start in another run folder") from e
-        check_world_size(payload, source, world_size)
         start_epoch, step = int(payload["epoch"]), int(payload["step"])
         images, train_time = int(payload["images"]), float(payload["train_time_s"])
         result.epochs = list(payload["history"])
@@ -328,9 +330,6 @@ def finetune(
     dtype = autocast_dtype(cfg, device)
 
     depth = prefetch_depth(cfg, device, to_batch)  # 0 when the crops and RandAugment would run on its thread
-    steps_per_epoch = len(train_loader)
-    if payload is not None:
-        check_epoch_length(payload, source, steps_per_epoch)
     total, warmup = f.epochs * steps_per_epoch, int(round(f.warmup_epochs * steps_per_epoch))
     for epoch in range(start_epoch, f.epochs):
         sampler.set_epoch(epoch)
@@ -391,10 +390,15 @@ def finetune(
     return result
 
 
-def _resumable(payload: dict, source: Path, init: str, cfg: ExperimentConfig) -> dict:
-    """payload, if it is a fine-tuning checkpoint of a run with this init and recipe; else CheckpointError."""
+def _resumable(payload: dict, source: Path, init: str, cfg: ExperimentConfig, world_size: int,
+               steps_per_epoch: int) -> dict:
+    """payload, if it is a fine-tuning checkpoint of a run with this init, recipe, number of
+    processes and epoch length; else CheckpointError. The weights it started from are checked
+    once they are loaded."""
     check_kind(payload, source, CHECKPOINT_KIND, "fine-tuning", "mae.finetune.finetune")
     check_recipe(payload, source, cfg, FINETUNE_RECIPE)
+    check_world_size(payload, source, world_size)
+    check_epoch_length(payload, source, steps_per_epoch)
     if payload.get("init") != init:
         raise CheckpointError(f"{source} was written by a fine-tuning run from {payload.get('init')} weights, not "
                               f"{init} ones; resume it with the same weights setting, or start in another run folder")

@@ -252,7 +252,7 @@ class Sweep:
         finished = self.finished
         if metric not in finished:
             raise KeyError(f"trials.parquet of {self.folder} has no column {metric!r}")
-        ascending = self.mode == "min" if metric == self.objective else _ascending(metric)
+        ascending = self.mode == "min" if metric == self.objective else lower_is_better(metric)
         return finished.dropna(subset=[metric]).sort_values(metric, ascending=ascending).head(k)
 
 
@@ -270,8 +270,8 @@ def _latest_runs(table: pd.DataFrame, init: str | None) -> pd.DataFrame:
     return latest.join(counts).reset_index()[columns]
 
 
-def _ascending(metric: str) -> bool:
-    """Losses and times improve downwards; accuracies upwards."""
+def lower_is_better(metric: str) -> bool:
+    """Losses and times improve downwards; accuracies (and throughput) upwards."""
     return any(word in metric for word in ("loss", "time", "seconds", "error"))
 
 

@@ -13,6 +13,7 @@ never leaves a half-written table and loses no finished trial. After a retry an 
 be reported twice; rows are keyed by (trial_id, epoch) and the last report wins.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -145,11 +146,23 @@ def write_table_atomic(table: pa.Table, path: str) -> None:
             pq.write_table(table, out)
         fs.move(tmp, fs_path)  # object stores: copy + delete, readers still never see a partial file
         return
-    target = Path(path)
+    with _replaced_atomically(Path(path)) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write a local text file to a temporary name beside `path`, then rename it into place."""
+    with _replaced_atomically(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def _replaced_atomically(target: Path):
+    """A temporary path beside target to write; renamed onto target when the block ends without error."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        pq.write_table(table, tmp)
+        yield tmp
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

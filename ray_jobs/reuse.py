@@ -32,7 +32,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import shlex
 import sys
 import tempfile
@@ -61,7 +60,7 @@ from mae.config import (
 from mae.data import CorruptDatasetError, DatasetNotFoundError
 from ray_jobs import cluster
 from ray_jobs.pretrain import FaultInjection, RayReportCallback, checkpoint_epoch
-from ray_jobs.results import UnreadableTableError, read_table, write_table_atomic
+from ray_jobs.results import UnreadableTableError, read_table, write_table_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -313,13 +312,7 @@ def write_record(path: Path, job: Job, run_id: str, argv: list[str], targets: li
     record = {"kind": job.kind, "run_id": run_id, "argv": argv, "workers": workers, "from_scratch": from_scratch,
               "targets": [{"label": t.label, "trial_id": t.trial_id, "checkpoint": t.checkpoint,
                            "config": to_dict(t.cfg)} for t in targets]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(json.dumps(record, indent=2), path)
 
 
 def resume_mismatch(record: dict[str, Any], job: Job, targets: list[Target], workers: int,
@@ -338,6 +331,35 @@ def resume_mismatch(record: dict[str, Any], job: Job, targets: list[Target], wor
         if changes:
             return f"{target.label} would run with other settings ({'; '.join(changes)})"
     return None
+
+
+def left_to_run(job: Job, folder: Path, table: RunTable, record: Path, run_id: str, targets: list[Target],
+                workers: int, from_scratch: bool) -> list[Target]:
+    """The targets a --resume of run `run_id` still runs: those it did not finish. ConfigError when there is
+    no such run, or its record cannot be read or says this command would not continue it."""
+    if not record.is_file() and not any(r["run_id"] == run_id for r in table.rows) \
+            and not any(folder.glob(f"{job.kind}*-{run_id}")):
+        raise ConfigError(f"no {job.kind} run of that id in {folder} (no record in {record.parent}, no row in "
+                          f"{job.table}, no Train run folder); the id is the run_id column's value, printed when the "
+                          "run started")
+    if record.is_file():
+        try:
+            saved = json.loads(record.read_text())
+            why = resume_mismatch(saved, job, targets, workers, from_scratch)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"cannot read the run's record {record} ({type(e).__name__}: {e}); delete it to "
+                              "resume without checking that this command continues that run") from e
+        if why:
+            raise ConfigError(f"this command does not continue that run: {why}. The run's arguments were: "
+                              f"{shlex.join(saved['argv'])} (from {record}); resume with those, or start a new run "
+                              "without --resume")
+    else:  # a run from before records were written (2026-11-29)
+        log.warning("run %s has no record (%s); resuming with this command's encoders and settings unchecked",
+                    run_id, record)
+    done = finished_in(table, job, run_id, targets, from_scratch)
+    log.info("resuming %s run %s: %d encoder(s) finished before, %d to run", job.kind, run_id, len(done),
+             len(targets) - len(done))
+    return [t for t in targets if t not in done]
 
 
 def make_row(job: Job, target: Target, run_id: str, sweep: str, version: str, metrics: dict[str, Any] | None,
@@ -420,32 +442,11 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
         uuid.uuid4().hex[:6]
     record = record_path(job, folder, run_id)
     if args.resume:
-        if not record.is_file() and not any(r["run_id"] == run_id for r in table.rows) \
-                and not any(folder.glob(f"{job.kind}*-{run_id}")):
-            print(f"error: --resume {run_id}: no {job.kind} run of that id in {folder} (no record in {record.parent}, "
-                  f"no row in {job.table}, no Train run folder); the id is the run_id column's value, printed when "
-                  "the run started", file=sys.stderr)
+        try:
+            targets = left_to_run(job, folder, table, record, run_id, targets, workers, from_scratch)
+        except ConfigError as e:
+            print(f"error: --resume {run_id}: {e}", file=sys.stderr)
             return 2
-        if record.is_file():
-            try:
-                saved = json.loads(record.read_text())
-                why = resume_mismatch(saved, job, targets, workers, from_scratch)
-            except (ValueError, KeyError, TypeError) as e:
-                print(f"error: --resume {run_id}: cannot read the run's record {record} ({type(e).__name__}: {e}); "
-                      "delete it to resume without checking that this command continues that run", file=sys.stderr)
-                return 2
-            if why:
-                print(f"error: --resume {run_id}: this command does not continue that run: {why}. The run's "
-                      f"arguments were: {shlex.join(saved['argv'])} (from {record}); resume with those, or start a "
-                      "new run without --resume", file=sys.stderr)
-                return 2
-        else:  # a run from before records were written (2026-11-29)
-            log.warning("run %s has no record (%s); resuming with this command's encoders and settings unchecked",
-                        run_id, record)
-        done = finished_in(table, job, run_id, targets, from_scratch)
-        targets = [t for t in targets if t not in done]
-        log.info("resuming %s run %s: %d encoder(s) finished before, %d to run", job.kind, run_id, len(done),
-                 len(targets))
     else:
         try:
             write_record(record, job, run_id, argv, targets, workers, from_scratch)

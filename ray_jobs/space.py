@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mae.config import ConfigError, ExperimentConfig, replace
+from mae.results import lower_is_better
 
 RANGE_KEYS = frozenset({"low", "high", "log"})
 # What a trial's last report carries (ray_jobs.sweep.run_trial), so what sweep.metric may name.
@@ -27,8 +28,6 @@ OBJECTIVES = ("probe_top1", "probe_train_top1", "final_train_loss", "best_train_
 # Searched keys that change what the reconstruction loss measures (how many patches it is over,
 # their normalisation, their size): trials searching them cannot be ranked by that loss.
 LOSS_SCALE_KEYS = ("mask.ratio", "mask.strategy", "model.norm_pix_loss", "model.patch_size")
-HIGHER_IS_BETTER = {"probe_top1": True, "probe_train_top1": True, "images_per_sec": True,
-                    "final_train_loss": False, "best_train_loss": False, "wall_time_s": False}
 MAX_GRID_CHECKS = 1000  # beyond this many grid points, values are checked one key at a time
 MAX_RANGE_CHECKS = 10000  # int ranges up to this many values are checked value by value
 
@@ -185,7 +184,7 @@ def check_sizing(cfg: ExperimentConfig) -> None:
     s = cfg.sweep
     if s.metric not in OBJECTIVES:
         raise ConfigError(f"sweep.metric must be one of {list(OBJECTIVES)}, got {s.metric!r}")
-    best = "max" if HIGHER_IS_BETTER[s.metric] else "min"
+    best = "min" if lower_is_better(s.metric) else "max"
     if s.mode != best:
         raise ConfigError(f"sweep.mode {s.mode!r} would search for the worst {s.metric}: set sweep.mode: {best}")
     if s.workers_per_trial < 1:
