@@ -57,7 +57,8 @@ TRIAL_COLUMNS: list[Column] = [
     Column("best_epoch", pa.int64(), "epoch (1-based) of best_train_loss"),
     Column("epochs_completed", pa.int64(), "epochs trained, over all attempts"),
     Column("resumed_from_epoch", pa.int64(), "epoch the attempt that wrote the final checkpoint resumed from (0: it started fresh)"),
-    Column("checkpoint_path", pa.string(), "final checkpoint folder (with URI --storage its URI: fetch it first, "
+    Column("checkpoint_path", pa.string(), "final checkpoint folder, or a STOPPED trial's last one (null for it "
+                                           "with URI --storage); with URI --storage a URI (fetch it first, "
                                            "e.g. ray.train.Checkpoint(uri).to_directory()); load with "
                                            "mae.engine.load_model"),
     Column("train_time_s", pa.float64(), "sum of epoch times over all attempts"),
@@ -285,14 +286,16 @@ class SweepRecorder:
                 self.epoch(trial_id, metrics)
         self._dirty = True
 
-    def stopped(self, trial_id: str) -> None:
-        """A trial ended early (a scheduler stopped it): its loss columns from the live epochs."""
+    def stopped(self, trial_id: str, checkpoint_path: str | None = None) -> None:
+        """A trial ended early (a scheduler stopped it): its loss columns from the live epochs,
+        and the last checkpoint its Train run wrote."""
         losses = sorted((e, r["train_loss"]) for (t, e), r in self.epochs.items()
                         if t == trial_id and r.get("train_loss") is not None)
         if losses:
             best_epoch, best = min(losses, key=lambda item: item[1])
             self.trials[trial_id].update(final_train_loss=losses[-1][1], best_train_loss=best,
                                          best_epoch=best_epoch, epochs_completed=len(losses))
+        self.trials[trial_id]["checkpoint_path"] = checkpoint_path
         self._dirty = True
 
     # -- writing ---------------------------------------------------------------------

@@ -194,8 +194,11 @@ def check_sizing(cfg: ExperimentConfig) -> None:
     if s.max_failures < -1:
         raise ConfigError(f"sweep.max_failures must be >= 0 (or -1: retry forever), got {s.max_failures}")
     g = s.gpus_per_worker
-    if g < 0 or (g > 1 and g != int(g)):
-        raise ConfigError(f"sweep.gpus_per_worker must be a fraction below 1 or a whole number, got {g}")
+    if g < 0 or g > 1:
+        raise ConfigError(
+            f"sweep.gpus_per_worker must be between 0 and 1, got {g}: a Train worker (one DDP process) drives "
+            "one GPU, and the rest of its share would sit idle; for more GPUs per trial raise "
+            "sweep.workers_per_trial")
     if 0 < g < 1 and s.workers_per_trial > 1:
         raise ConfigError(
             f"sweep.gpus_per_worker {g} shares a GPU, but a trial with workers_per_trial "

@@ -32,6 +32,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGen
 from ray.tune.search.optuna import OptunaSearch
 
 import mae
+from mae.checkpoint import latest_checkpoint
 from mae.config import ConfigError, ExperimentConfig, config_from_dict, flatten, load_config, replace, to_dict
 from ray_jobs import cluster, results
 from ray_jobs.pretrain import FaultInjection, fit_and_probe, resolve_storage
@@ -54,13 +55,18 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], options: dict[str, A
     fault = None
     if options.get("fail_at_epoch"):
         fault = FaultInjection(options["fail_at_epoch"], os.path.join(options["marker_dir"], f"fault-{trial_id}"))
-    out = fit_and_probe(cfg, f"train-{trial_id}", options["train_storage"],
+    out = fit_and_probe(cfg, train_run_name(trial_id), options["train_storage"],
                         callbacks=[TuneReportCallback()], fault=fault)
     history = out.pop("history")
     out["wall_time_s"] = time.perf_counter() - t0
     out["train_loss"] = out.get("final_train_loss")  # what a scheduler (ASHA) watches
     out["history_json"] = json.dumps(history)
     tune.report(out)
+
+
+def train_run_name(trial_id: str) -> str:
+    """The Train run of a trial, a folder of the sweep folder (a rerun of the trial resumes it)."""
+    return f"train-{trial_id}"
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -136,12 +142,19 @@ class ParquetCallback(tune.Callback):
             self.recorder.finish(trial.trial_id, final, json.loads(final.get("history_json") or "[]"))
         else:  # a scheduler ended it before the probe
             self._row(trial, "STOPPED")
-            self.recorder.stopped(trial.trial_id)
+            self.recorder.stopped(trial.trial_id, self._last_checkpoint(trial.trial_id))
         self.recorder.write()
         self.completed += 1
         if self.interrupt_after and self.completed >= self.interrupt_after:
             log.warning("--interrupt-after %d: interrupting the sweep as Ctrl-C would", self.interrupt_after)
             signal.raise_signal(signal.SIGINT)
+
+    def _last_checkpoint(self, trial_id: str) -> str | None:
+        """The newest checkpoint of a stopped trial's Train run (local storage; None with a URI)."""
+        if results.is_uri(self.folder):
+            return None
+        last = latest_checkpoint(Path(self.folder) / train_run_name(trial_id))
+        return str(last) if last is not None else None
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = trial.get_error()

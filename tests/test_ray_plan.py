@@ -76,6 +76,7 @@ def test_grid_points_are_the_cross_product_in_order():
     (["sweep.space={sweep.max_concurrent: [1, 2]}"], "cannot be searched"),
     (["sweep.scheduler=asha"], "asha stops trials on their reconstruction loss"),
     (["sweep.gpus_per_worker=0.5", "sweep.workers_per_trial=2"], "NCCL"),
+    (["sweep.gpus_per_worker=2"], "a Train worker (one DDP process) drives one GPU"),
     (["sweep.metric=probe_top5"], "sweep.metric must be one of"),
     (["sweep.mode=min"], "would search for the worst probe_top1: set sweep.mode: max"),
     (["sweep.metric=final_train_loss", "sweep.mode=min"], "rank by probe_top1"),  # the space holds mask.ratio
@@ -410,6 +411,27 @@ def test_a_grids_repeats_each_get_their_own_seed():
     assert seeded_repeats(optuna) == optuna  # Optuna's samples are trials, not repeats
     with pytest.raises(ConfigError, match="every repeat would be a copy"):
         seeded_repeats(replace(cfg, {"sweep.space": {"train.seed": [0, 1]}}))
+
+
+def test_a_stopped_trial_records_the_last_checkpoint_its_train_run_wrote(tmp_path):
+    import types
+
+    from mae.checkpoint import CHECKPOINT_FILE
+    from ray_jobs import sweep
+
+    run = tmp_path / sweep.train_run_name("t0")
+    for name in ("checkpoint-0001", "checkpoint-0002"):
+        (run / name).mkdir(parents=True)
+        (run / name / CHECKPOINT_FILE).write_bytes(b"")
+    (run / "checkpoint-0003").mkdir()  # cut short before its file: not a checkpoint
+    callback = sweep.ParquetCallback(str(tmp_path), load_config(SMOKE_SWEEP), "git:abc")
+    trial = types.SimpleNamespace(trial_id="t0", config={"mask.ratio": 0.5}, last_result={"epoch": 2})
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, {"epoch": 2, "train_loss": 0.9})
+    callback.on_trial_complete(0, [], trial)  # its last report has no probe: ASHA stopped it
+    row = pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist()[0]
+    assert row["status"] == "STOPPED" and row["checkpoint_path"] == str(run / "checkpoint-0002")
+    assert row["final_train_loss"] == 0.9
 
 
 @pytest.mark.parametrize("epochs", [4, 8])
