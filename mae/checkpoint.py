@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +121,41 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return path
 
 
+DAMAGED_ADVICE = "delete it to resume from the previous checkpoint, or re-download it."
+
+
+def _check_crcs(file: Path) -> None:
+    """torch.save's zip format stores a CRC-32 per record, which torch.load never checks: a
+    checkpoint with damaged bytes (a bad copy, a failing disk) would load wrong weights
+    silently. Reads the file once more; legacy (non-zip) files have no checksums to check."""
+    if not zipfile.is_zipfile(file):
+        return
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"cannot read checkpoint {file}: {type(e).__name__}: {e}; {DAMAGED_ADVICE}") from e
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {file} is damaged: its record {bad} fails its CRC-32 checksum; "
+                              f"{DAMAGED_ADVICE}")
+
+
+def _reason(e: Exception) -> str:
+    """The line of torch.load's error that says what is wrong: its weights-only loader puts
+    the cause after advice to load unsafely, which is not what a damaged file needs."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:200] if lines else "(no message; an empty file?)"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load safely (no code runs): tensors, numbers, strings and containers only, and the
     argparse.Namespace of its arguments that the reference MAE training saves with its
     checkpoints (facebookresearch/mae util/misc.py save_model: 'args'), a plain record."""
     file = checkpoint_file(path)
+    _check_crcs(file)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             payload = torch.load(file, map_location="cpu", weights_only=True)
@@ -138,9 +169,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"torch.save({{'model': torch.load(path, weights_only=False)['model']}}, new_path)"
             ) from e
         raise CheckpointError(
-            f"cannot read checkpoint {file}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
+            f"cannot read checkpoint {file}: {type(e).__name__}: {_reason(e)}. "
             "It may be truncated (an interrupted copy) or not a PyTorch weights file; "
-            "delete it to resume from the previous checkpoint, or re-download it."
+            f"{DAMAGED_ADVICE}"
         ) from e
     if not isinstance(payload, dict):
         raise CheckpointError(f"{file} holds a {type(payload).__name__}, not a checkpoint dictionary")
@@ -175,7 +206,11 @@ def checkpoint_folders(run_dir: str | os.PathLike) -> list[Path]:
         folder = old.with_name(old.name[1:].removesuffix(".old"))
         if not folder.exists() and (old / CHECKPOINT_FILE).is_file():
             log.warning("%s: an overwrite was cut short; putting back the checkpoint it had set aside", folder)
-            old.rename(folder)
+            try:
+                old.rename(folder)
+            except OSError:  # another DDP rank listing the same run folder put it back first
+                if not (folder / CHECKPOINT_FILE).is_file():
+                    raise
     return sorted(p for p in run_dir.glob("checkpoint-[0-9]*") if (p / CHECKPOINT_FILE).is_file())
 
 
@@ -185,8 +220,16 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Keep the newest `keep` checkpoints, and remove what interrupted saves left behind: a
+    temporary .checkpoint-EEEE.XXXXXXXX folder (a save killed while writing, as large as a
+    checkpoint) and a .checkpoint-EEEE.old beside the checkpoint that replaced it. Called by
+    the one process that saves, right after its save, so no other save is under way."""
     for old in checkpoint_folders(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for left in Path(run_dir).glob(".checkpoint-[0-9]*.*"):
+        if left.suffix != ".old" or (left.with_name(left.name[1:].removesuffix(".old")) / CHECKPOINT_FILE).is_file():
+            log.info("removing %s, left by an interrupted checkpoint save", left)
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def resume_source(run_dir: str | os.PathLike | None, resume_from: str | os.PathLike | None) -> Path | None:

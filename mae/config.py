@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mae.masking import MASK_STRATEGIES, num_visible
+from mae.masking import MASK_STRATEGIES, grid_lattice_fits, grid_stride, num_visible
 
 
 class ConfigError(ValueError):
@@ -353,6 +353,14 @@ def validate(cfg: ExperimentConfig) -> None:
     num_patches = (args["img_size"] // args["patch_size"]) ** 2
     require(num_visible(num_patches, cfg.mask.ratio) >= 1, "mask.ratio",
             f"{cfg.mask.ratio} leaves no visible patch out of {num_patches}")
+    side = args["img_size"] // args["patch_size"]
+    if cfg.mask.strategy == "grid" and not grid_lattice_fits(side, cfg.mask.ratio):
+        s = grid_stride(cfg.mask.ratio)
+        raise ConfigError(
+            f"mask.strategy: 'grid' keeps one patch in every s x s cell (here s = {s}), which needs mask.ratio "
+            f"1 - 1/s^2 (0.75 for s = 2, 0.8889 for s = 3) and a patch grid side divisible by s; with mask.ratio "
+            f"{cfg.mask.ratio} and a {side} x {side} patch grid part of each mask would be random, not a grid. "
+            "Use mask.strategy random, or such a ratio with model.img_size / model.patch_size a multiple of s")
     require(cfg.data.dataset in DATASETS, "data.dataset",
             f"must be one of {list(DATASETS)}, got {cfg.data.dataset!r}")
     require(cfg.data.train_subset is None or cfg.data.train_subset > 0, "data.train_subset", "must be positive")

@@ -77,6 +77,21 @@ def block_noise(
     return noise
 
 
+def grid_stride(mask_ratio: float) -> int:
+    """The cell side s of grid masking: round(sqrt(1 / (1 - mask_ratio))), at least 1."""
+    return max(1, round(math.sqrt(1.0 / (1.0 - mask_ratio))))
+
+
+def grid_lattice_fits(grid: int, mask_ratio: float) -> bool:
+    """Whether grid masking at this ratio keeps a true lattice: s >= 2 divides the grid side and
+    the lattice has L * (1 - mask_ratio) points (to rounding: a ratio written 0.8889 for 8/9 keeps
+    one lattice point fewer), so no kept patch is chosen at random (s = 1 is random masking)."""
+    stride = grid_stride(mask_ratio)
+    lattice = (grid // stride) ** 2
+    kept = num_visible(grid * grid, mask_ratio)
+    return stride >= 2 and grid % stride == 0 and lattice == round(grid * grid * (1 - mask_ratio)) and kept <= lattice
+
+
 def grid_noise(
     batch: int, grid: int, mask_ratio: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -85,9 +100,11 @@ def grid_noise(
     s = round(sqrt(1 / (1 - mask_ratio))), so mask_ratio 0.75 keeps one of every four
     patches. The cell offset is random per sample. Kept-grid patches get noise in [0, 1),
     others [1, 2); if the grid has more or fewer points than L_keep, random tie-breaking
-    inside each group makes the count exact. Returns (N, L) on the CPU.
+    inside each group makes the count exact, and part of the mask is then random (at
+    s = 1 all of it). `grid_lattice_fits` says when it is not; config validation refuses
+    those settings. Returns (N, L) on the CPU.
     """
-    stride = max(1, round(math.sqrt(1.0 / (1.0 - mask_ratio))))
+    stride = grid_stride(mask_ratio)
     rows = torch.arange(grid).reshape(grid, 1)
     cols = torch.arange(grid).reshape(1, grid)
     offsets = torch.randint(0, stride, (batch, 2), generator=generator)

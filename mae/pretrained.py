@@ -56,7 +56,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError as e:
             raise CheckpointError(f"reading {path} needs the safetensors package (pip install safetensors)") from e
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors' own error type: a truncated or empty file, not safetensors at all
+            raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}. It may be truncated (an "
+                                  "interrupted copy) or not a safetensors file; re-download it") from e
     return model_state(load_checkpoint(checkpoint_file(path)))
 
 

@@ -17,6 +17,8 @@ from tests.conftest import REPO
     ("trian.epochs=2", "trian"),
     ("train.epochs=two", "train.epochs"),
     ("mask.strategy=checkerboard", "mask.strategy"),
+    ("mask.strategy=grid", "mask.strategy"),  # the default 7 x 7 patch grid has no 2 x 2 lattice
+    ("mask.strategy=grid model.img_size=32 mask.ratio=0.6", "mask.strategy"),  # s = 2 needs ratio 0.75
     ("data.dataset=cifar", "data.dataset"),
     ("train.compile_mode=fastest", "train.compile_mode"),
     ("train.precision=fp16", "train.precision"),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mae.checkpoint import (
-    CheckpointError, checkpoint_folders, latest_checkpoint, load_checkpoint, save_checkpoint,
+    CheckpointError, checkpoint_folders, latest_checkpoint, load_checkpoint, prune_checkpoints,
+    save_checkpoint,
 )
 from mae.config import load_config
 from mae.engine import (
@@ -203,6 +204,42 @@ def test_truncated_checkpoint_fails_clearly_and_keeps_older_ones(tmp_path, fashi
     with pytest.raises(CheckpointError, match="delete it"):
         pretrain(smoke_cfg(fashion_mnist_dir, "train.epochs=3"), tmp_path)
     assert (tmp_path / "checkpoint-0001" / "checkpoint.pt").is_file()
+
+
+def test_an_empty_or_damaged_checkpoint_fails_clearly(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")  # a failed download, a copy onto a full disk
+    with pytest.raises(CheckpointError, match="EOFError.*delete it"):
+        load_checkpoint(tmp_path / "empty.pt")
+    (tmp_path / "page.pt").write_text("<!DOCTYPE html><html>Not Found</html>")  # a saved error page
+    with pytest.raises(CheckpointError, match="Unsupported operand 60") as info:
+        load_checkpoint(tmp_path / "page.pt")
+    assert "weights_only` set to `False`" not in str(info.value)  # torch's advice to load unsafely
+    folder = save_checkpoint(tmp_path / "checkpoint-0001", {"model": {"w": torch.arange(4096.0)}})
+    data = bytearray((folder / "checkpoint.pt").read_bytes())
+    start = data.find(torch.arange(4096.0).numpy().tobytes()[:64])  # inside the tensor's bytes
+    data[start + 100 : start + 150] = bytes(50)  # bit rot: torch.load itself reads this without a word
+    (folder / "checkpoint.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its CRC-32 checksum"):
+        load_checkpoint(folder)
+
+
+def test_pruning_removes_what_interrupted_saves_left(tmp_path, monkeypatch):
+    for epoch in (1, 2):
+        save_checkpoint(tmp_path / f"checkpoint-000{epoch}", {"model": {}, "epoch": epoch})
+    (tmp_path / ".checkpoint-0003.k2x9ab1c").mkdir()  # a save killed while writing
+    save_checkpoint(tmp_path / ".checkpoint-0002.old", {"model": {}})  # killed before removing what it replaced
+    prune_checkpoints(tmp_path, keep=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0001", "checkpoint-0002"]
+    # two DDP ranks putting back one set-aside checkpoint: the one that comes second finds it done
+    (tmp_path / "checkpoint-0002").rename(tmp_path / ".checkpoint-0002.old")
+    rename = Path.rename
+
+    def other_rank_first(self, target):
+        rename(self, target)
+        raise FileNotFoundError(self)
+
+    monkeypatch.setattr(Path, "rename", other_rank_first)
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["checkpoint-0001", "checkpoint-0002"]
 
 
 def test_checkpoint_with_code_is_refused(tmp_path, capsys):

@@ -84,6 +84,11 @@ def test_hf_safetensors_folder_loads(pretrained, tmp_path):
     hf = {k: v.contiguous() for k, v in to_hf_state_dict(pretrained.state_dict(), layout="v4").items()}
     safetensors.save_file(hf, str(tmp_path / "model.safetensors"))
     _same_encoder(encoder_state(tmp_path), pretrained.encoder_state_dict())
+    data = (tmp_path / "model.safetensors").read_bytes()
+    for cut in (data[: len(data) // 2], b""):  # an interrupted copy, a failed download
+        (tmp_path / "model.safetensors").write_bytes(cut)
+        with pytest.raises(CheckpointError, match="truncated.*re-download"):
+            encoder_state(tmp_path)
 
 
 def test_reference_finetuned_checkpoint_fc_norm_stands_in_for_norm(pretrained):

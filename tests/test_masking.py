@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from mae.masking import num_visible, random_masking, sample_noise
+from mae.masking import grid_lattice_fits, grid_stride, num_visible, random_masking, sample_noise
 
 STRATEGIES = ["random", "block", "grid"]
 
@@ -57,6 +59,24 @@ def test_grid_keeps_one_in_four_at_075_on_even_grid():
         # one patch per 2x2 cell, all at the same offset inside their cells
         assert len(kept) == 16
         assert len({(int(r) % 2, int(c) % 2) for r, c in kept}) == 1
+
+
+@pytest.mark.parametrize("grid, ratio, fits", [
+    (14, 0.75, True), (8, 0.75, True), (12, 0.8889, True), (16, 0.9375, True),
+    (7, 0.75, False),  # 7 is odd: 9 to 16 lattice points for 12 kept patches
+    (14, 0.5, False),  # s = 1: plain random masking
+    (14, 0.6, False), (14, 0.8, False),  # s = 2, but 78 or 39 kept patches against 49 lattice points
+])
+def test_grid_masking_is_a_lattice_only_where_it_fits(grid, ratio, fits):
+    noise = sample_noise("grid", 50, grid, ratio, generator=torch.Generator().manual_seed(0))
+    _, mask, _ = random_masking(torch.zeros(50, grid * grid, 1), ratio, noise)
+    s = grid_stride(ratio)
+    lattice = math.ceil(grid / s) ** 2  # points of an s x s lattice at offset 0 (the most any offset has)
+    kept = [torch.nonzero(m.reshape(grid, grid) == 0) for m in mask]
+    offsets = [{(int(r) % s, int(c) % s) for r, c in k} for k in kept]
+    # each mask keeps one whole lattice (at most the one point the ratio's rounding drops), nothing else
+    whole_lattice = all(len(o) == 1 and len(k) >= lattice - 1 for o, k in zip(offsets, kept))
+    assert grid_lattice_fits(grid, ratio) == fits == whole_lattice
 
 
 def test_block_masks_contiguous_regions():
