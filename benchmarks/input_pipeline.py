@@ -233,9 +233,27 @@ def main(argv: list[str] | None = None) -> dict:
             step(synthetic)
             return N
 
+        results: dict[str, dict] = {}
+        report = {
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "date": datetime.date.today().isoformat(),
+            "device": str(device),
+            "device_name": device_name(device),
+            "precision": str(autocast_dtype(base, device) or "float32").removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "versions": {"torch": torch.__version__, "torchvision": __import__("torchvision").__version__},
+            "jpegs": {"count": len(paths), "size": list(args.image_size), "quality": args.quality, "mean_kb": jpeg_kb},
+            "store": store_info,
+            "results": results,
+        }
+
+        def save() -> None:  # after every arm: a run cut short by a time limit keeps the arms it finished
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(report, indent=2))
+
         # the prefetch queue (2 batches per worker) fills while the workers start: drain it untimed
         warmup_batches = 2 * args.workers + 2
-        results: dict[str, dict] = {}
         for name in arms:
             cfg, depth = cfgs[name], args.prefetch if ARMS[name][1] else 0
             # first, while no worker of this arm competes for the host's cores
@@ -262,24 +280,11 @@ def main(argv: list[str] | None = None) -> dict:
             arm["end_to_end"] = timed(fed_step, args.steps, args.warmup, device)
             arm["ratio_end_to_end_over_synthetic"] = arm["end_to_end"]["img_per_s"] / arm["synthetic"]["img_per_s"]
             results[name] = arm
+            save()
+            print(f"{name}: input {arm['input']['img_per_s']:.1f} img/s, end to end "
+                  f"{arm['end_to_end']['img_per_s']:.1f}, synthetic {arm['synthetic']['img_per_s']:.1f}")
             prepared.close()
             del prepared, batches  # shuts its workers down before the next arm's start
-
-    report = {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "date": datetime.date.today().isoformat(),
-        "device": str(device),
-        "device_name": device_name(device),
-        "precision": str(autocast_dtype(base, device) or "float32").removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "torchvision": __import__("torchvision").__version__},
-        "jpegs": {"count": len(paths), "size": list(args.image_size), "quality": args.quality, "mean_kb": jpeg_kb},
-        "store": store_info,
-        "results": results,
-    }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
 
     print(f"{args.model} at {S}px, batch {N}, mask {args.mask_ratio}, {report['precision']} on {device} "
           f"({report['device_name']}), {report['threads']} threads, {args.workers} workers, "

@@ -126,9 +126,26 @@ def main(argv: list[str] | None = None) -> dict:
     S, C = resolved_model_args(cfg)["img_size"], model.in_chans
     imgs = torch.randn(args.batch_size, C, S, S, device=device)
 
+    report: dict = {
+        "date": datetime.date.today().isoformat(), "device": str(device), "device_name": device_name(device),
+        "versions": {"torch": torch.__version__},
+        "config": {"model": args.model, "img_size": S, "batch": args.batch_size,
+                   "compile": args.compile, "compile_mode": args.compile_mode,
+                   "precision": str(autocast_dtype(cfg, device) or "float32").removeprefix("torch.")},
+    }
+
+    def save() -> None:  # once warmed up, and at the end: a run cut short keeps its warm-up (compile) time
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+
+    start = time.perf_counter()
     for _ in range(args.warmup):
         step(imgs)
     synchronize(device)
+    report["warmup_s"] = time.perf_counter() - start
+    save()
+    print(f"{args.warmup} warm-up steps (compiling, if compiled) took {report['warmup_s']:.1f} s", flush=True)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -141,12 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_category, rows = breakdown(prof, device, args.steps)
     busy_ms = sum(per_category.values())
 
-    report = {
-        "date": datetime.date.today().isoformat(), "device": str(device), "device_name": device_name(device),
-        "versions": {"torch": torch.__version__},
-        "config": {"model": args.model, "img_size": S, "batch": args.batch_size,
-                   "compile": args.compile, "compile_mode": args.compile_mode,
-                   "precision": str(autocast_dtype(cfg, device) or "float32").removeprefix("torch.")},
+    report.update({
         "wall_ms_per_step": wall_ms,
         # profiling adds host work, so this wall time runs a little above throughput.py's
         "images_per_s_under_profiler": args.batch_size / wall_ms * 1e3,
@@ -154,10 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
         "gpu_busy_fraction": busy_ms / wall_ms if device.type == "cuda" else None,
         "ms_per_step_by_category": per_category,
         "top": [{"name": n, "category": c, "ms_per_step": ms, "calls_per_step": k} for n, c, ms, k in rows[:args.top]],
-    }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    })
+    save()
 
     what = "kernel" if device.type == "cuda" else "aten operator (self CPU time)"
     print(f"{args.model} at {S}px, batch {args.batch_size}, {report['config']['precision']}, "

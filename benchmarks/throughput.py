@@ -215,18 +215,20 @@ def flops_per_image(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Ten
     return flops / imgs.shape[0]
 
 
-def loss_curve_check(model_name: str, img_size: int, in_chans: int, args, device: torch.device) -> dict:
+def loss_curve_check(model_name: str, img_size: int, in_chans: int, args, device: torch.device,
+                     on_curve: Callable[[dict[str, list[float]]], None] | None = None) -> dict:
     """Ours as the engine runs it (compiled, engine precision) vs ours eager float32.
 
     Same initial weights, same batches, same masks, `--check-steps` steps at a fixed lr.
     The images are smooth random patterns (a 4x4 grid upsampled), so there is something
-    to learn and the loss falls."""
+    to learn and the loss falls. The float32 curve, the slower one, runs first; `on_curve`
+    gets the curves so far after each, so a run cut short by a time limit keeps what it has."""
     torch.manual_seed(args.seed)
     base = build_mae(model_name, img_size=img_size, in_chans=in_chans,
                      norm_pix_loss=not args.no_norm_pix_loss).to(device)
     runs = {
-        "engine": experiment_config(model_name, img_size, in_chans, args, compile=True),
         "fp32-eager": experiment_config(model_name, img_size, in_chans, args, compile=False, precision="fp32"),
+        "engine": experiment_config(model_name, img_size, in_chans, args, compile=True),
     }
     losses: dict[str, list[float]] = {}
     for name, cfg in runs.items():
@@ -242,11 +244,14 @@ def loss_curve_check(model_name: str, img_size: int, in_chans: int, args, device
             noise = torch.rand(args.batch_size, model.num_patches, generator=g, device=device)
             out.append(step(imgs, noise))
         losses[name] = torch.stack(out).float().cpu().tolist()
+        if on_curve is not None:
+            on_curve(losses)
     a, b = torch.tensor(losses["engine"]), torch.tensor(losses["fp32-eager"])
     rel = (a - b).abs() / b.abs()
     tail = max(1, len(a) // 5)
     return {
         "steps": args.check_steps,
+        "complete": True,
         "engine_precision": str(autocast_dtype(runs["engine"], device) or "float32").removeprefix("torch."),
         "max_rel_diff": float(rel.max()),
         "mean_rel_diff": float(rel.mean()),
@@ -361,7 +366,13 @@ def main(argv: list[str] | None = None) -> dict:
         save()  # the timings are kept even if the loss-curve check below runs out of time
         if args.check_steps:
             print_table(report)
-            entry["loss_curve"] = loss_curve_check(model_name, img_size, in_chans, _with_batch(args, batch), device)
+
+            def keep(losses: dict[str, list[float]]) -> None:
+                entry["loss_curve"] = {"steps": args.check_steps, "losses": losses, "complete": False}
+                save()
+
+            entry["loss_curve"] = loss_curve_check(model_name, img_size, in_chans, _with_batch(args, batch), device,
+                                                   on_curve=keep)
             save()
     print_table(report)
     return report

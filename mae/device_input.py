@@ -269,6 +269,11 @@ def decode_jpegs(
     images: list[torch.Tensor | None] = [None] * len(encoded)
     jpegs = [i for i, data in enumerate(encoded) if bytes(data[:3].tolist()) == JPEG_MAGIC]
     if device.type == "cuda" and jpegs:
+        # torchvision's CUDA decode allocates its outputs on this stream but writes them from
+        # its own stream without waiting for this one, so it can overwrite memory just freed
+        # here that queued kernels are still to read (pytorch/vision PR #9606). Drain the stream
+        # first: in the prefetch thread it holds only input work, so the step runs on meanwhile.
+        torch.cuda.current_stream(device).synchronize()
         try:
             for i, img in zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=mode, device=device)):
                 images[i] = img

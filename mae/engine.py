@@ -175,7 +175,9 @@ class TrainStep:
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        # A CUDA graph replay writes each step's loss into the same memory: a caller keeping
+        # the returned losses (a loss curve) would see the last one everywhere without a copy.
+        return loss.detach().clone() if self.cudagraphs else loss.detach()
 
 
 def _world() -> tuple[int, int]:

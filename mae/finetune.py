@@ -220,7 +220,7 @@ class FinetuneStep:
         # freed here, not before the next backward: the gradients would otherwise sit through
         # the next forward pass (and evaluation), at its activations' peak
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone() if self.cudagraphs else loss.detach()  # see mae.engine.TrainStep
 
 
 @torch.no_grad()
