@@ -30,8 +30,9 @@ dataset:
 		echo "or set MAE_DATA_DIR to a folder holding the four IDX files."; exit 1; \
 	fi
 
+# ARGS passes flags on: make run ARGS=--resume (continue an interrupted sweep), ARGS='--name other'
 run: setup
-	$(PY) ray_jobs/sweep_mask_ratio.py
+	$(PY) ray_jobs/sweep_mask_ratio.py $(ARGS)
 
 # A single pretrain + quick probe without Ray.
 pretrain: setup

@@ -33,6 +33,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or not an MAE checkpoint."""
 
 
+class ResumeRefusedError(CheckpointError):
+    """A checkpoint, readable, that this run may not continue: it was written by a run with other
+    settings, another number of processes or another epoch length."""
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG the engine draws from, in types that weights_only loading accepts."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -77,8 +82,8 @@ def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
         if "config" in payload:
             (tmp / "config.yaml").write_text(yaml.safe_dump(payload["config"], sort_keys=False))
         for written in tmp.iterdir():
-            _fsync(written)
-        _fsync(tmp)
+            fsync_path(written)
+        fsync_path(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -87,7 +92,7 @@ def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(folder)
-        _fsync(folder.parent)  # the rename itself
+        fsync_path(folder.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -100,7 +105,7 @@ def _umask() -> int:
     return mask
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file's or a folder's entries to disk (best effort: some file systems refuse folders)."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -266,7 +271,7 @@ def check_recipe(payload: dict[str, Any], source: Path, cfg: ExperimentConfig, r
     a resume continues that run, so a changed mask ratio or epoch count would mix two runs into one."""
     changes = recipe_changes(payload.get("config") or {}, cfg, recipe)
     if changes:
-        raise CheckpointError(f"{source} was written by a run with other settings ({'; '.join(changes)}); a resume "
+        raise ResumeRefusedError(f"{source} was written by a run with other settings ({'; '.join(changes)}); a resume "
                               "continues that run: set those values back to its own, or start in another run folder")
 
 
@@ -275,7 +280,7 @@ def check_world_size(payload: dict[str, Any], source: Path, world_size: int) -> 
     data shards, the effective batch and so the lr follow the count, so another one is another run."""
     written = len(payload["rng"]) if isinstance(payload.get("rng"), list) else 1  # a dict: before per-rank states
     if written != world_size:
-        raise CheckpointError(f"{source} was written by {written} process(es), and this run has {world_size}; "
+        raise ResumeRefusedError(f"{source} was written by {written} process(es), and this run has {world_size}; "
                               "resume it with as many (--workers, sweep.workers_per_trial), or start in another run "
                               "folder")
 
@@ -285,7 +290,7 @@ def check_epoch_length(payload: dict[str, Any], source: Path, steps_per_epoch: i
     would: the lr schedule is laid out in steps, so another count would make it jump."""
     epoch, step = int(payload["epoch"]), int(payload["step"])
     if step != epoch * steps_per_epoch:
-        raise CheckpointError(f"{source}: its run took {step // max(1, epoch)} optimizer steps per epoch and this one "
+        raise ResumeRefusedError(f"{source}: its run took {step // max(1, epoch)} optimizer steps per epoch and this one "
                               f"takes {steps_per_epoch}, so the training set or the batch differs (a data folder or "
                               "store with another number of images?); resume over the same data, or start in another "
                               "run folder")

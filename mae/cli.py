@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mae.checkpoint import CheckpointError, load_checkpoint
+from mae.checkpoint import CheckpointError, ResumeRefusedError, load_checkpoint
 from mae.config import (
     ConfigError, ExperimentConfig, apply_overrides, config_from_dict, load_config, resolved_model_args, to_dict,
 )
@@ -100,16 +100,25 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     log.info("pretraining %s into %s", cfg.model.name, run_dir)
     try:
         result = pretrain(cfg, run_dir)
-    except CheckpointError as e:  # a refused resume: say which flag names another folder
-        raise CheckpointError(f"{e} (another run folder: --out DIR; the default is runs/<experiment name>)") from e
+    except ResumeRefusedError as e:  # say which flag names another folder
+        raise ResumeRefusedError(f"{e} (another run folder: --out DIR; the default is runs/<experiment name>)") from e
+    summary_file = run_dir / "summary.json"
+    if not result.epochs and summary_file.is_file():  # the run had finished: nothing trained, nothing to redo
+        log.info("%s had trained all its %d epochs already; its summary.json is as it was", run_dir, cfg.train.epochs)
+        print(summary_file.read_text())
+        return 0
+    history = result.history  # every epoch of the run, over all its attempts
+    train_time = sum(h["epoch_time_s"] for h in history)
     summary = {"run_dir": str(run_dir), "checkpoint": str(result.checkpoint_dir),
-               "final_loss": result.final_loss, "wall_time_s": result.wall_time_s,
-               "images_per_sec": result.images_per_sec, **result.derived}
-    if result.epochs:
-        summary["first_epoch_loss"] = result.epochs[0]["train_loss"]
+               "epochs": len(history), "final_loss": result.final_loss, "train_time_s": train_time,
+               "images_per_sec": sum(h["images_per_sec"] * h["epoch_time_s"] for h in history) / train_time
+               if train_time > 0 else 0.0,
+               "wall_time_s": result.wall_time_s, **result.derived}
+    if history:
+        summary["first_epoch_loss"] = history[0]["train_loss"]
     if not args.no_probe and result.checkpoint_dir is not None:
         summary.update(quick_probe(model_with_weights(cfg, load_checkpoint(result.checkpoint_dir)), cfg))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary_file.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -127,9 +136,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         out = {"probe_top1": r.top1, "probe_seconds": r.seconds, "epochs": r.epochs}
     out["checkpoint"] = str(args.checkpoint)
     text = json.dumps(out, indent=2)
+    print(text)  # first: a --json path that cannot be written must not lose a finished probe's result
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
-    print(text)
     return 0
 
 

@@ -7,6 +7,7 @@ computed by named functions here and saved beside every checkpoint.
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -366,6 +367,7 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.data.train_subset is None or cfg.data.train_subset > 0, "data.train_subset", "must be positive")
     require(0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]")
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    require(cfg.data.synthetic_size >= 1, "data.synthetic_size", f"must be >= 1, got {cfg.data.synthetic_size}")
     require(cfg.data.pipeline in PIPELINES, "data.pipeline",
             f"must be one of {list(PIPELINES)}, got {cfg.data.pipeline!r}")
     if cfg.data.pipeline == "predecoded":
@@ -380,12 +382,19 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.optim.base_lr > 0, "optim.base_lr", "must be positive")
     require(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", "must be positive")
     require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(cfg.optim.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {cfg.optim.min_lr}")
+    require(cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "optim.clip_grad",
+            f"must be positive (or null: no clipping), got {cfg.optim.clip_grad}")
     require(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
     require(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
     require(cfg.train.epochs >= 1, "train.epochs", f"must be >= 1, got {cfg.train.epochs}")
     require(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     require(cfg.train.accum_iter >= 1, "train.accum_iter", "must be >= 1")
     require(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    require(cfg.train.max_steps_per_epoch is None or cfg.train.max_steps_per_epoch >= 1, "train.max_steps_per_epoch",
+            f"must be >= 1 (or null: whole epochs), got {cfg.train.max_steps_per_epoch}")
+    require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.train.device) is not None, "train.device",
+            f"must be auto, cpu, cuda, cuda:N or mps, got {cfg.train.device!r}")
     require(cfg.train.compile_mode in COMPILE_MODES, "train.compile_mode",
             f"must be one of {list(COMPILE_MODES)}, got {cfg.train.compile_mode!r}")
     require(not (uses_cuda_graphs(cfg.train) and cfg.train.accum_iter > 1), "train.compile_mode",
@@ -399,6 +408,15 @@ def validate(cfg: ExperimentConfig) -> None:
     require(0.0 < cfg.probe.crop_scale_min <= 1.0, "probe.crop_scale_min",
             f"must be in (0, 1], got {cfg.probe.crop_scale_min}")
     require(cfg.probe.accum_iter >= 1, "probe.accum_iter", f"must be >= 1, got {cfg.probe.accum_iter}")
+    require(cfg.probe.epochs >= 1, "probe.epochs", f"must be >= 1, got {cfg.probe.epochs}")
+    require(cfg.probe.batch_size >= 1, "probe.batch_size", f"must be >= 1, got {cfg.probe.batch_size}")
+    require(cfg.probe.base_lr > 0, "probe.base_lr", f"must be positive, got {cfg.probe.base_lr}")
+    require(cfg.probe.weight_decay >= 0, "probe.weight_decay", f"must be >= 0, got {cfg.probe.weight_decay}")
+    require(cfg.probe.warmup_epochs >= 0, "probe.warmup_epochs", f"must be >= 0, got {cfg.probe.warmup_epochs}")
+    require(cfg.probe.quick_epochs >= 1, "probe.quick_epochs", f"must be >= 1, got {cfg.probe.quick_epochs}")
+    require(cfg.probe.quick_lr > 0, "probe.quick_lr", f"must be positive, got {cfg.probe.quick_lr}")
+    require(cfg.probe.quick_weight_decay >= 0, "probe.quick_weight_decay",
+            f"must be >= 0, got {cfg.probe.quick_weight_decay}")
     require(cfg.probe.quick_train_size >= 10, "probe.quick_train_size", "must be >= 10")
     require(cfg.probe.quick_test_size is None or cfg.probe.quick_test_size > 0, "probe.quick_test_size",
             f"must be positive (or null: the whole test split), got {cfg.probe.quick_test_size}")

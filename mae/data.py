@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from mae.config import ExperimentConfig, resolved_model_args
+from mae.config import ConfigError, ExperimentConfig, resolved_model_args
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def fashion_mnist_root(cfg: ExperimentConfig) -> Path:
     """The folder of the Fashion-MNIST IDX files; checks that the model takes one channel."""
     in_chans = resolved_model_args(cfg)["in_chans"]
     if in_chans != 1:
-        raise ValueError(f"Fashion-MNIST is greyscale: set model.in_chans=1 (got {in_chans})")
+        raise ConfigError(f"model.in_chans: Fashion-MNIST is greyscale: set model.in_chans=1 (got {in_chans})")
     return resolve_data_dir(cfg.data.data_dir, FASHION_MNIST_DEFAULT)
 
 
@@ -322,7 +322,8 @@ def imagefolder_root(cfg: ExperimentConfig, split: str) -> Path:
                                    f"{'held-out' if lacks is val else 'training'} images in {lacks}, one folder per "
                                    "class, or point data.data_dir at a folder of class folders")
     if not train.is_dir():
-        _warn_one_split(root)
+        if root.is_dir():  # a missing folder is ImageFolder's error to raise, without this warning first
+            _warn_one_split(root)
         return root
     return train if split == "train" else val
 

@@ -31,8 +31,9 @@ from mae.checkpoint import (
     load_checkpoint, model_state, resume_source, rng_state, save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import (
-    PRETRAIN_RECIPE, ExperimentConfig, config_from_dict, derived_values, resolved_model_args, to_dict, uses_cuda_graphs,
+    PRETRAIN_RECIPE, ConfigError, ExperimentConfig, config_from_dict, derived_values, resolved_model_args, to_dict, uses_cuda_graphs,
 )
+from mae.data import CorruptDatasetError
 from mae.device_input import Prefetcher, build_pretrain_input, prefetch_depth
 from mae.models import MaskedAutoencoderViT
 from mae.optim import cosine_lr, fused_kwargs, param_groups, set_lr
@@ -59,6 +60,7 @@ class PretrainCallback:
 class PretrainResult:
     run_dir: Path
     epochs: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch run here
+    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch of the run, over all attempts
     checkpoint_dir: Path | None = None
     final_loss: float = math.nan
     best_loss: float = math.nan
@@ -74,7 +76,14 @@ def select_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name} was asked for, but torch sees no CUDA device here; "
+                          "use train.device=cpu, or auto (CUDA when there is one)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: {name}, but there are {torch.cuda.device_count()} CUDA device(s) "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 def synchronize(device: torch.device) -> None:
@@ -221,7 +230,7 @@ def pretrain(
     augment = getattr(to_batch, "augment", None)  # the device pipeline's own generator
     per_rank = len(dataset) // world_size
     if per_rank < cfg.train.batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size {cfg.train.batch_size} is larger than the {per_rank} training images "
             f"per process; lower train.batch_size or raise data.train_subset"
         )
@@ -242,7 +251,7 @@ def pretrain(
     if cfg.train.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     if steps_per_epoch < 1:
-        raise ValueError(f"an epoch has no optimizer step: lower train.accum_iter ({accum}) or train.batch_size")
+        raise ConfigError(f"an epoch has no optimizer step: lower train.accum_iter ({accum}) or train.batch_size")
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     derived = derived_values(cfg, world_size)  # saved in every checkpoint and the result
@@ -366,6 +375,7 @@ def pretrain(
     result.wall_time_s = time.perf_counter() - t_run
     result.images_per_sec = images_total / result.wall_time_s if result.epochs else 0.0
     result.checkpoint_dir = last_ckpt or latest_checkpoint(run_dir)
+    result.history = history
     if history:
         result.final_loss = history[-1]["train_loss"]
         result.best_loss = min(h["train_loss"] for h in history)
@@ -415,7 +425,7 @@ def stand_in(last: T | None, epoch: int, it: int) -> T:
     masks are drawn afresh, so it is not the same sample twice. Fine-tuning uses it too.
     """
     if last is None:
-        raise ValueError(
+        raise CorruptDatasetError(
             f"no image of the first batch of epoch {epoch + 1} could be read (each file is named in the "
             "warnings above): the data set is damaged or data.data_dir points at the wrong files"
         )
@@ -452,7 +462,7 @@ def load_model(path: str | Path, **overrides: Any) -> tuple[MaskedAutoencoderViT
     """Rebuild the model a checkpoint of ours was trained with and load its weights."""
     payload = load_checkpoint(path)
     if "config" not in payload:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} carries no config (not written by this package); build the model with "
             "mae.models.build_mae(name) and load_state_dict(mae.checkpoint.model_state(payload))"
         )

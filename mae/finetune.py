@@ -56,7 +56,7 @@ from mae.checkpoint import (
     CheckpointError, check_epoch_length, check_kind, check_recipe, check_world_size, checkpoint_due, load_checkpoint,
     model_state, resume_source, rng_state, save_epoch_checkpoint, set_rng_state,
 )
-from mae.config import FINETUNE_RECIPE, ExperimentConfig, resolved_model_args, to_dict, uses_cuda_graphs
+from mae.config import FINETUNE_RECIPE, ConfigError, ExperimentConfig, resolved_model_args, to_dict, uses_cuda_graphs
 from mae.data import build_dataset, eval_loader
 from mae.device_input import Prefetcher, build_train_input, prefetch_depth
 from mae.engine import (
@@ -275,7 +275,7 @@ def finetune(
     test = build_dataset(cfg, "test", augment=False, subset=f.test_subset)
     classes = num_classes(train, test)
     if len(train) // world_size < f.batch_size:
-        raise ValueError(f"finetune.batch_size {f.batch_size} exceeds the {len(train) // world_size} training "
+        raise ConfigError(f"finetune.batch_size {f.batch_size} exceeds the {len(train) // world_size} training "
                          "images per process; lower it or raise finetune.train_subset")
     augment = getattr(to_batch, "augment", None)  # the device pipeline's own generator
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed,

@@ -34,8 +34,8 @@ from mae.checkpoint import (
     CheckpointError, check_epoch_length, check_kind, check_recipe, checkpoint_due, load_checkpoint, resume_source,
     rng_state, save_checkpoint, save_epoch_checkpoint, set_rng_state,
 )
-from mae.config import PROBE_RECIPE, ExperimentConfig, to_dict
-from mae.data import build_dataset, collate_skip_none, eval_loader
+from mae.config import PROBE_RECIPE, ConfigError, ExperimentConfig, to_dict
+from mae.data import CorruptDatasetError, build_dataset, collate_skip_none, eval_loader
 from mae.device_input import Prefetcher, ToDevice, build_train_input, prefetch_depth
 from mae.engine import autocast, autocast_dtype, select_device, worker_seed
 from mae.models import MaskedAutoencoderViT
@@ -58,7 +58,7 @@ def num_classes(train: Dataset, test: Dataset) -> int:
     if all(names) and names[0] != names[1]:
         only_train = sorted(set(names[0]) - set(names[1]))[:5]
         only_test = sorted(set(names[1]) - set(names[0]))[:5]
-        raise ValueError(
+        raise CorruptDatasetError(
             f"the training split has {len(names[0])} classes and the test split {len(names[1])}, not the same "
             f"ones in the same order (only in training: {only_train}; only in test: {only_test}); labels are "
             "class indices, so give both splits the same class folders (and a pre-decoded store the same tree)")
@@ -243,7 +243,7 @@ def linear_probe(
     classes = num_classes(train, test)
     accum = p.accum_iter
     if len(train) < p.batch_size * accum:
-        raise ValueError(f"probe.batch_size {p.batch_size} x probe.accum_iter {accum} exceeds the {len(train)} "
+        raise ConfigError(f"probe.batch_size {p.batch_size} x probe.accum_iter {accum} exceeds the {len(train)} "
                          "training images: lower either")
     # shuffled and augmented from a generator reseeded per epoch, with workers started afresh
     # each epoch (as pretraining's): a resumed probe draws what an uninterrupted one draws

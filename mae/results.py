@@ -62,7 +62,7 @@ _RUN_COLUMNS = [
                                     "null for a checkpoint given with --checkpoint"),
     Column("run_id", pa.string(), "one run of the job (UTC time + random suffix; --resume RUN_ID continues "
                                   "it); with trial_id, the key"),
-    Column("sweep", pa.string(), "sweep name (the sweep folder's name)"),
+    Column("sweep", pa.string(), "sweep name (the sweep folder's name); null for a --checkpoint run"),
     Column("source_checkpoint", pa.string(), "the pretrained checkpoint the encoder was loaded from"),
     Column("selected_by", pa.string(), "trials.parquet column the trial was chosen by (the sweep's objective)"),
     Column("selected_value", pa.float64(), "the trial's value of selected_by"),
@@ -252,8 +252,12 @@ class Sweep:
         finished = self.finished
         if metric not in finished:
             raise KeyError(f"trials.parquet of {self.folder} has no column {metric!r}")
+        valued = finished.dropna(subset=[metric])
+        if not valued.empty and not pd.api.types.is_numeric_dtype(valued[metric].infer_objects()):
+            raise KeyError(f"column {metric!r} of trials.parquet of {self.folder} is not numeric")
         ascending = self.mode == "min" if metric == self.objective else lower_is_better(metric)
-        return finished.dropna(subset=[metric]).sort_values(metric, ascending=ascending).head(k)
+        # ties in trial id order, so that which of two equal trials makes the top k does not vary
+        return valued.sort_values([metric, "trial_id"], ascending=[ascending, True], kind="stable").head(k)
 
 
 def _latest_runs(table: pd.DataFrame, init: str | None) -> pd.DataFrame:
@@ -339,12 +343,19 @@ def list_sweeps(root: str | os.PathLike | None = None) -> pd.DataFrame:
     """The sweep folders under `root` (default `default_root()`) holding a trials.parquet, newest first.
 
     Columns: name, folder, trials, finished, objective, best (the best objective value),
-    probed / finetuned (whether probe.parquet / finetune.parquet exist), updated (UTC).
+    probed / finetuned (whether probe.parquet / finetune.parquet exist), updated (UTC),
+    error (why a sweep's tables cannot be read; it is listed with its counts empty, and
+    does not keep the others from being listed).
     """
     root = Path(root) if root is not None else default_root()
     rows = []
     for folder in sorted(p for p in root.iterdir() if is_sweep_folder(p)) if root.is_dir() else []:
-        sweep = load_sweep(folder)
+        updated = pd.Timestamp((folder / TRIALS_FILE).stat().st_mtime, unit="s", tz="UTC")
+        try:
+            sweep = load_sweep(folder)
+        except UnreadableTableError as e:
+            rows.append({"name": folder.name, "folder": str(folder), "updated": updated, "error": str(e)})
+            continue
         finished = sweep.finished
         objective = sweep.objective
         best = math.nan
@@ -353,10 +364,10 @@ def list_sweeps(root: str | os.PathLike | None = None) -> pd.DataFrame:
         rows.append({
             "name": sweep.name, "folder": str(folder), "trials": len(sweep.trials), "finished": len(finished),
             "objective": objective, "best": best, "probed": (folder / PROBE_FILE).is_file(),
-            "finetuned": (folder / FINETUNE_FILE).is_file(),
-            "updated": pd.Timestamp((folder / TRIALS_FILE).stat().st_mtime, unit="s", tz="UTC"),
+            "finetuned": (folder / FINETUNE_FILE).is_file(), "updated": updated, "error": None,
         })
-    columns = ["name", "folder", "trials", "finished", "objective", "best", "probed", "finetuned", "updated"]
+    columns = ["name", "folder", "trials", "finished", "objective", "best", "probed", "finetuned", "updated",
+               "error"]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values("updated", ascending=False, kind="stable").reset_index(drop=True)
 

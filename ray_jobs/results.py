@@ -15,6 +15,7 @@ be reported twice; rows are keyed by (trial_id, epoch) and the last report wins.
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mae.checkpoint import fsync_path
 from mae.config import ExperimentConfig, flatten
 # Column: one column type for every table (name, Arrow type, meaning)
 from mae.results import Column, UnreadableTableError, unreadable_table_message
@@ -159,14 +161,32 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 @contextlib.contextmanager
 def _replaced_atomically(target: Path):
-    """A temporary path beside target to write; renamed onto target when the block ends without error."""
+    """A temporary path beside target to write; renamed onto target when the block ends without error.
+
+    The new file is flushed to disk before the rename, and the rename after it, so a power
+    cut leaves the old table or the new one, not an empty file in the old one's place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, target)
+        fsync_path(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock beside a local file (path's folder, .NAME.lock) for a read-modify-write
+    of it: two jobs adding rows to one table at once would otherwise each write back only their own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def read_table(path: str) -> pa.Table | None:

@@ -60,7 +60,7 @@ from mae.config import (
 from mae.data import CorruptDatasetError, DatasetNotFoundError
 from ray_jobs import cluster
 from ray_jobs.pretrain import FaultInjection, RayReportCallback, checkpoint_epoch
-from ray_jobs.results import UnreadableTableError, read_table, write_table_atomic, write_text_atomic
+from ray_jobs.results import UnreadableTableError, locked, read_table, write_table_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class Target:
     selected_by: str | None = None
     selected_value: float | None = None
     selected_rank: int | None = None
+    sweep: str | None = None  # the sweep folder's name, for a trial of a sweep
 
     @property
     def label(self) -> str:
@@ -167,7 +168,7 @@ def choose(args: argparse.Namespace) -> tuple[Path, list[Target]]:
             raise ConfigError(f"trial {row['trial_id']} has no checkpoint_path in trials.parquet")
         targets.append(Target(checkpoint, config_for(checkpoint, args.experiment, args.overrides, warn=rank == 1),
                               trial_id=row["trial_id"], selected_by=metric, selected_value=float(row[metric]),
-                              selected_rank=rank))
+                              selected_rank=rank, sweep=folder.name))
     return Path(args.out).resolve() if args.out else folder.resolve(), targets
 
 
@@ -271,20 +272,26 @@ class RunTable:
     """The rows of probe.parquet / finetune.parquet: earlier runs' rows, plus this run's.
 
     An existing table that cannot be read raises UnreadableTableError and is left as it is.
+    Jobs may add rows to one table at the same time (a fine-tune and its --from-scratch
+    baseline, two probe recipes): each add re-reads the table under a lock.
     """
 
     def __init__(self, job: Job, folder: Path) -> None:
         self.job = job
-        self.path = str(folder / job.table)
-        existing = read_table(self.path)
-        self.rows = existing.to_pylist() if existing is not None else []
+        self.path = folder / job.table
+        self.rows = self._read()
+
+    def _read(self) -> list[dict[str, Any]]:
+        existing = read_table(str(self.path))
+        return existing.to_pylist() if existing is not None else []
 
     def add(self, row: dict[str, Any]) -> None:
         """Append row, replacing an earlier row of the same run and encoder (a resumed run's ERROR)."""
-        self.rows = [r for r in self.rows if row_key(r) != row_key(row)] + [row]
-        schema = self.job.schema
-        table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in self.rows], schema=schema)
-        write_table_atomic(table, self.path)
+        with locked(self.path):
+            self.rows = [r for r in self._read() if row_key(r) != row_key(row)] + [row]
+            schema = self.job.schema
+            table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in self.rows], schema=schema)
+            write_table_atomic(table, str(self.path))
 
 
 def row_key(row: dict[str, Any]) -> tuple:
@@ -362,11 +369,11 @@ def left_to_run(job: Job, folder: Path, table: RunTable, record: Path, run_id: s
     return [t for t in targets if t not in done]
 
 
-def make_row(job: Job, target: Target, run_id: str, sweep: str, version: str, metrics: dict[str, Any] | None,
+def make_row(job: Job, target: Target, run_id: str, version: str, metrics: dict[str, Any] | None,
              error: str | None, from_scratch: bool) -> dict[str, Any]:
     flat = flatten(target.cfg)
     row: dict[str, Any] = {
-        "trial_id": target.trial_id, "run_id": run_id, "sweep": sweep, "source_checkpoint": target.checkpoint,
+        "trial_id": target.trial_id, "run_id": run_id, "sweep": target.sweep, "source_checkpoint": target.checkpoint,
         "selected_by": target.selected_by, "selected_value": target.selected_value,
         "selected_rank": target.selected_rank, "status": ERROR if error else FINISHED, "error": error,
         "code_version": version, "created_at": datetime.datetime.now(datetime.timezone.utc),
@@ -501,7 +508,7 @@ def run_all(job: Job, targets: list[Target], table: RunTable, folder: Path, run_
                 failed += 1
                 error = _last_line(getattr(e, "cause", None) or e)
                 log.error("%s of %s failed: %s", job.kind, target.label, error)
-            table.add(make_row(job, target, run_id, folder.name, version, metrics, error, from_scratch))
+            table.add(make_row(job, target, run_id, version, metrics, error, from_scratch))
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -191,3 +191,25 @@ def test_notebook_runs_headless_and_saves_its_figure(reused_sweep, kernel, name,
                             resources={"metadata": {"path": str(REPO / "analysis")}}).execute()
     assert figure.is_file() and figure.stat().st_mtime >= started - 1, f"{name}.ipynb wrote no {figure.name}"
     assert figure.stat().st_size > 10_000  # a drawn figure, not an empty canvas
+
+
+def test_reconstructions_of_a_sweep_with_no_finished_trial_say_so(reused_sweep, kernel, tmp_path, monkeypatch):
+    import shutil
+
+    import nbclient
+    import nbformat
+    import pyarrow as pa
+
+    from mae import results
+
+    trials = pq.read_table(reused_sweep["folder"] / results.TRIALS_FILE)
+    shutil.copy(reused_sweep["folder"] / "experiment.yaml", tmp_path)
+    running = trials.set_column(trials.schema.get_field_index("status"), "status",
+                                pa.array(["RUNNING"] * trials.num_rows))  # the sweep is still under way
+    pq.write_table(running, tmp_path / results.TRIALS_FILE)
+    monkeypatch.setenv("MAE_RESULTS_DIR", str(tmp_path))
+    notebook = nbformat.read(REPO / "analysis" / "reconstructions.ipynb", as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name=kernel,
+                                     resources={"metadata": {"path": str(REPO / "analysis")}})
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="has no finished trial yet"):
+        client.execute()

@@ -143,3 +143,32 @@ def test_probe_of_missing_checkpoint_fails_cleanly(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mae", "probe", "--checkpoint", str(tmp_path / "nope")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "no checkpoint at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_summary_covers_the_whole_run_and_a_finished_run_keeps_its_own(tmp_path, fashion_mnist_dir):
+    import shutil
+
+    out = tmp_path / "run"
+    command = ["pretrain", "--config", "experiments/smoke.yaml", "--data-dir", str(fashion_mnist_dir), "--no-probe",
+               "--set", "train.epochs=2", "--set", "data.train_subset=128", "--set", "train.batch_size=32",
+               "--out", str(out)]
+    run_mae(*command)
+    whole = json.loads((out / "summary.json").read_text())
+    assert whole["epochs"] == 2 and whole["images_per_sec"] > 0
+    shutil.rmtree(out / "checkpoint-0002")  # as if stopped during epoch 2: the rerun resumes after epoch 1
+    (out / "summary.json").unlink()
+    run_mae(*command)
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["epochs"] == 2 and resumed["first_epoch_loss"] == whole["first_epoch_loss"]  # epoch 1's, not 2's
+    before = (out / "summary.json").read_text()
+    assert json.loads(run_mae(*command).stdout) == resumed  # nothing left to train: the summary stays
+    assert (out / "summary.json").read_text() == before
+
+
+def test_a_bad_value_found_at_run_time_is_a_clear_error_not_a_traceback(fashion_mnist_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mae", "pretrain", "--config", "experiments/smoke.yaml",
+                           "--data-dir", str(fashion_mnist_dir), "--set", "data.train_subset=32", "--no-probe",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train.batch_size 64 is larger than the 32 training images" in proc.stderr
+    assert "another run folder" not in proc.stderr

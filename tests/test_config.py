@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mae.config import ConfigError, absolute_lr, flatten, load_config, replace, to_dict
 from tests.conftest import REPO
@@ -36,6 +37,17 @@ from tests.conftest import REPO
     ("probe.test_subset=0", "probe.test_subset"),
     ("probe.test_subset=-100", "probe.test_subset"),
     ("probe.test_subset=half", "probe.test_subset"),
+    ("probe.epochs=0", "probe.epochs"),  # was an IndexError after the probe
+    ("probe.batch_size=0", "probe.batch_size"),
+    ("probe.base_lr=-1", "probe.base_lr"),
+    ("probe.warmup_epochs=-1", "probe.warmup_epochs"),
+    ("probe.quick_epochs=0", "probe.quick_epochs"),
+    ("probe.quick_lr=-1", "probe.quick_lr"),
+    ("data.synthetic_size=0", "data.synthetic_size"),
+    ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch"),
+    ("train.device=gpu", "train.device"),
+    ("optim.min_lr=-1", "optim.min_lr"),
+    ("optim.clip_grad=-1", "optim.clip_grad"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -101,3 +113,12 @@ def test_recipe_changes_name_what_a_run_computes_from_and_skip_how_it_runs():
     assert recipe_changes(saved, cfg, PROBE_RECIPE) == ["probe.base_lr: 0.1 -> 0.2"]
     del saved["probe"]["base_lr"]  # a checkpoint written before the key existed
     assert recipe_changes(saved, cfg, PROBE_RECIPE) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no CUDA device")
+def test_asking_for_cuda_without_one_names_the_key():
+    from mae.engine import select_device
+
+    with pytest.raises(ConfigError, match="train.device: cuda:1 was asked for.*train.device=cpu"):
+        select_device("cuda:1")
+    assert select_device("auto").type == "cpu"

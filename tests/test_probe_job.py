@@ -106,9 +106,9 @@ def test_rows_append_to_the_table_with_its_schema(sweep_folder, tmp_path):
     metrics = {"top1": 0.5, "best_top1": 0.6, "final_train_loss": 1.2, "epochs_completed": 2, "seconds": 3.0,
                "world_size": 1, "history": "[]", "images_per_sec": 99.0, "checkpoint_path": "/x"}
     table = reuse.RunTable(reuse.FINETUNE, tmp_path)
-    table.add(reuse.make_row(reuse.FINETUNE, target, "run1", "ratios", "git:abc", metrics, None, False))
+    table.add(reuse.make_row(reuse.FINETUNE, target, "run1", "git:abc", metrics, None, False))
     again = reuse.RunTable(reuse.FINETUNE, tmp_path)  # a later run keeps the earlier rows
-    again.add(reuse.make_row(reuse.FINETUNE, target, "run2", "ratios", "git:abc", None, "boom", True))
+    again.add(reuse.make_row(reuse.FINETUNE, target, "run2", "git:abc", None, "boom", True))
     written = pq.read_table(tmp_path / mae_results.FINETUNE_FILE)
     assert written.schema.equals(mae_results.finetune_schema())
     first, second = written.to_pylist()
@@ -165,14 +165,14 @@ def test_a_resumed_run_keeps_what_it_finished_and_replaces_its_error_rows(sweep_
     assert "no probe run of that id" in capsys.readouterr().err
     _, (first, second) = reuse.choose(_args(*argv))
     table = reuse.RunTable(reuse.PROBE, out)
-    table.add(reuse.make_row(reuse.PROBE, first, "r1", "ratios", "git:abc", {"top1": 0.5}, None, False))
-    table.add(reuse.make_row(reuse.PROBE, second, "r1", "ratios", "git:abc", None, "killed", False))
-    table.add(reuse.make_row(reuse.PROBE, second, "r0", "ratios", "git:abc", {"top1": 0.4}, None, False))
+    table.add(reuse.make_row(reuse.PROBE, first, "r1", "git:abc", {"top1": 0.5}, None, False))
+    table.add(reuse.make_row(reuse.PROBE, second, "r1", "git:abc", None, "killed", False))
+    table.add(reuse.make_row(reuse.PROBE, second, "r0", "git:abc", {"top1": 0.4}, None, False))
     assert reuse.finished_in(table, reuse.PROBE, "r1", [first, second], False) == [first]
     assert reuse.finished_in(table, reuse.PROBE, "r0", [first, second], False) == [second]
     assert reuse.finished_in(table, reuse.FINETUNE, "r1", [first, second], False) == []  # rows without init
 
-    table.add(reuse.make_row(reuse.PROBE, second, "r1", "ratios", "git:abc", {"top1": 0.6}, None, False))
+    table.add(reuse.make_row(reuse.PROBE, second, "r1", "git:abc", {"top1": 0.6}, None, False))
     rows = reuse.RunTable(reuse.PROBE, out).rows  # as written
     assert [(r["run_id"], r["trial_id"], r["status"]) for r in rows] == [
         ("r1", first.trial_id, "FINISHED"), ("r0", second.trial_id, "FINISHED"), ("r1", second.trial_id, "FINISHED")]
@@ -226,3 +226,25 @@ def test_a_resume_that_would_choose_or_run_otherwise_is_refused_before_ray(sweep
     # how it runs may change: more loader workers
     assert reuse.main(reuse.PROBE, [*argv, "--set", "data.num_workers=1", "--resume", run_id], "") == 0
     assert started[-1][:2] == (run_id, ["t1", "t2"]) and started[-1][2].data.num_workers == 1
+
+
+def test_two_jobs_adding_rows_to_one_table_keep_each_others(tmp_path):
+    # a fine-tune and its --from-scratch baseline, or two probe recipes, submitted at once:
+    # each job's table was read at its start and written back whole, losing the other's rows
+    first, second = reuse.RunTable(reuse.PROBE, tmp_path), reuse.RunTable(reuse.PROBE, tmp_path)
+    for table, run_id in ((first, "run-a"), (second, "run-b"), (first, "run-a2")):
+        table.add({"run_id": run_id, "trial_id": "t0", "source_checkpoint": "/ckpt", "status": "FINISHED"})
+    rows = pq.read_table(tmp_path / mae_results.PROBE_FILE).to_pylist()
+    assert sorted(r["run_id"] for r in rows) == ["run-a", "run-a2", "run-b"]
+    first.add({"run_id": "run-b", "trial_id": "t0", "source_checkpoint": "/ckpt", "status": "ERROR"})  # replaces
+    rows = pq.read_table(tmp_path / mae_results.PROBE_FILE).to_pylist()
+    assert sorted((r["run_id"], r["status"]) for r in rows) == [
+        ("run-a", "FINISHED"), ("run-a2", "FINISHED"), ("run-b", "ERROR")]
+
+
+def test_a_text_metric_is_refused_and_rows_name_their_sweep_wherever_they_go(sweep_folder, tmp_path):
+    with pytest.raises(ConfigError, match="--metric status: .*is not numeric"):
+        reuse.choose(_args("--sweep", str(sweep_folder), "--metric", "status"))
+    out, targets = reuse.choose(_args("--sweep", str(sweep_folder), "--out", str(tmp_path / "elsewhere")))
+    row = reuse.make_row(reuse.PROBE, targets[0], "r1", "git:abc", {"top1": 0.5}, None, False)
+    assert out == (tmp_path / "elsewhere").resolve() and row["sweep"] == sweep_folder.name

@@ -138,6 +138,13 @@ def test_list_sweeps_newest_first_and_results_dir_resolution(sweep_folder, monke
     with pytest.raises(results.ResultsNotFoundError, match="neither"):
         results.results_dir(root / "missing")
 
+    (older / results.PROBE_FILE).write_bytes(b"not parquet")  # a damaged table in an old sweep
+    listed = results.list_sweeps(root)
+    assert list(listed["name"]) == ["ratios", "older"] and pd.isna(listed.loc[0, "error"])
+    assert "probe.parquet" in listed.loc[1, "error"] and pd.isna(listed.loc[1, "trials"])
+    monkeypatch.delenv(results.RESULTS_DIR_ENV)
+    assert results.results_dir(root=root) == sweep_folder  # the newest is still found
+
 
 def test_reuse_schemas_carry_their_recipe_and_context_columns():
     probe, ft = results.probe_schema(), results.finetune_schema()
