@@ -89,8 +89,14 @@ class TrainConfig:
 class ProbeConfig:
     pool: str = "avg"  # avg (patch-token mean) | cls; avg separates short FMNIST runs better
     # quick probe: logistic regression on cached frozen features
+    # what the quick probe is scored on. val: training images held out from its fit (both sets spread
+    # over the training split, disjoint), so that a sweep choosing encoders by it leaves the test
+    # split to the reuse jobs' final scores; test: the test split
+    quick_split: str = "val"
     quick_train_size: int = 10000  # training images the quick probe fits on (spread as data.train_subset's)
-    quick_test_size: int | None = None  # None: the whole test split
+    # images it is scored on; None: with quick_split val as many as it fits on, with test all (a split too small
+    # for both sizes is shared between fit and score in their proportion)
+    quick_test_size: int | None = None
     quick_epochs: int = 100
     quick_lr: float = 0.1
     quick_weight_decay: float = 1e-4
@@ -418,8 +424,10 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.probe.quick_weight_decay >= 0, "probe.quick_weight_decay",
             f"must be >= 0, got {cfg.probe.quick_weight_decay}")
     require(cfg.probe.quick_train_size >= 10, "probe.quick_train_size", "must be >= 10")
+    require(cfg.probe.quick_split in ("val", "test"), "probe.quick_split",
+            f"must be 'val' (held-out training images) or 'test', got {cfg.probe.quick_split!r}")
     require(cfg.probe.quick_test_size is None or cfg.probe.quick_test_size > 0, "probe.quick_test_size",
-            f"must be positive (or null: the whole test split), got {cfg.probe.quick_test_size}")
+            f"must be positive (or null: see probe.quick_split), got {cfg.probe.quick_test_size}")
     require(cfg.probe.train_subset is None or cfg.probe.train_subset > 0, "probe.train_subset",
             f"must be positive (or null: the whole training split), got {cfg.probe.train_subset}")
     require(cfg.probe.test_subset is None or cfg.probe.test_subset > 0, "probe.test_subset",

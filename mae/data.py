@@ -352,6 +352,30 @@ def spread_subset(dataset: Dataset, k: int | None) -> Dataset:
     return torch.utils.data.Subset(dataset, [(2 * i + 1) * n // (2 * k) for i in range(k)])
 
 
+def held_out_split(dataset: Dataset, n_fit: int, n_held_out: int | None) -> tuple[Dataset, Dataset]:
+    """Two disjoint subsets of a training split: n_fit images to fit on and n_held_out to score
+    on (None: as many as n_fit), both spread over the split as `spread_subset`'s, so an
+    ImageFolder's classes keep their shares in each. Fixed: every run holds out the same
+    images. A split with fewer than n_fit + n_held_out images gives both their share of it
+    (as a subset larger than its data set takes all of it), with a warning."""
+    n = len(dataset)
+    n_held_out = n_fit if n_held_out is None else n_held_out
+    if n < 2:
+        raise ConfigError(f"the training split has {n} image(s); the quick probe (probe.quick_split val) fits on "
+                          "some and scores the others: give it more, or set probe.quick_split=test")
+    if n_fit + n_held_out > n:
+        wanted = (n_fit, n_held_out)
+        n_fit = min(n - 1, max(1, n * n_fit // (n_fit + n_held_out)))
+        n_held_out = n - n_fit
+        log.warning("the quick probe asks for %d + %d images (probe.quick_train_size + quick_test_size) of a "
+                    "training split of %d: it fits on %d and scores %d", *wanted, n, n_fit, n_held_out)
+    m = n_fit + n_held_out
+    picks = [(2 * i + 1) * n // (2 * m) for i in range(m)]
+    held = {(2 * j + 1) * m // (2 * n_held_out) for j in range(n_held_out)}  # spread over the picks
+    return (torch.utils.data.Subset(dataset, [picks[i] for i in range(m) if i not in held]),
+            torch.utils.data.Subset(dataset, [picks[i] for i in sorted(held)]))
+
+
 def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = True,
                   subset: int | None = None, scale_min: float | None = None, randaug: str | None = None) -> Dataset:
     """The configured dataset's 'train' or 'test' split, with pretraining or eval transforms.

@@ -6,8 +6,8 @@ heads, patch, image size, channels), so our encoder's parameter names load as th
 code: average pooling over the patch tokens followed by a fresh LayerNorm (`fc_norm`; the
 pretrained final `norm` is not used then), a linear head initialised near zero
 (std 2e-5), position embeddings that start from the pretrained (sin-cos) ones and are
-trained, and the recipe of the paper's Table 9: AdamW, layer-wise lr decay (timm's
-`param_groups_layer_decay`), cosine schedule with warm-up, drop path, label smoothing,
+trained, and the recipe of the paper's Table 9: AdamW, layer-wise lr decay (the reference's
+layer ids, `layer_decay_groups`; none from scratch), cosine schedule with warm-up, drop path, label smoothing,
 mixup/cutmix (timm's `Mixup` with `SoftTargetCrossEntropy`), RandAugment and random
 erasing. The training images get RandomResizedCrop (smallest area `finetune.crop_scale_min`,
 the reference's 0.08), a flip and timm's RandAugment (`finetune.randaug`) in the CPU
@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,6 @@ from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
-from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
@@ -122,16 +122,46 @@ def load_pretrained(model: VisionTransformer, weights: Weights) -> VisionTransfo
     return model
 
 
-def optimizer_for(model: VisionTransformer, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW over layer-wise lr-decayed groups: block i gets lr * layer_decay ** (depth - i).
+def optimizer_for(model: VisionTransformer, cfg: ExperimentConfig, lr: float,
+                  from_scratch: bool = False) -> torch.optim.Optimizer:
+    """AdamW over layer-wise lr-decayed groups (`layer_decay_groups`); from random weights
+    without the decay (finetune.layer_decay 1), as the paper trains ViTs from scratch
+    (Appendix A.2): decay shields pretrained early layers, and would only slow fresh ones.
 
     Fused (one kernel per group rather than a loop over tensors) where torch has it, as
     pretraining's optimizer is.
     """
     f = cfg.finetune
-    groups = param_groups_layer_decay(model, weight_decay=f.weight_decay,
-                                      no_weight_decay_list=model.no_weight_decay(), layer_decay=f.layer_decay)
+    groups = layer_decay_groups(model, f.weight_decay, 1.0 if from_scratch else f.layer_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=(f.beta1, f.beta2), **fused_kwargs(model))
+
+
+def layer_decay_groups(model: VisionTransformer, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups with an "lr_scale" of layer_decay ** (depth + 1 - layer), the reference's
+    layer ids (facebookresearch/mae util/lr_decay.py): 0 for the patch embedding, cls token and
+    position embedding, i + 1 for block i, depth + 1 (scale 1) for what follows the blocks: the
+    final norm or fc_norm, and the head. No weight decay on 1-D tensors, the cls token and the
+    position embedding. Ours rather than timm's param_groups_layer_decay, which puts the final
+    norm (global_pool token) with the last block, at scale layer_decay."""
+    depth = len(model.blocks)
+    no_decay = set(model.no_weight_decay())
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        decays = param.ndim > 1 and name not in no_decay
+        group = groups.setdefault((layer, decays), {
+            "params": [], "weight_decay": weight_decay if decays else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - layer),
+        })
+        group["params"].append(param)
+    return list(groups.values())
 
 
 def peak_lr(cfg: ExperimentConfig, world_size: int = 1) -> float:
@@ -304,7 +334,7 @@ def finetune(
                                   "it with the weights it started from, or start in another run folder")
     model.to(device)
     lr_peak = peak_lr(cfg, world_size)
-    optimizer = optimizer_for(model, cfg, lr_peak)
+    optimizer = optimizer_for(model, cfg, lr_peak, from_scratch)
     result = FinetuneResult(top1=0.0, best_top1=0.0, init=init, test_images=len(test))
     start_epoch, step, images, train_time = 0, 0, 0, 0.0
     if payload is not None:

@@ -35,7 +35,7 @@ from mae.checkpoint import (
     rng_state, save_checkpoint, save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import PROBE_RECIPE, ConfigError, ExperimentConfig, to_dict
-from mae.data import CorruptDatasetError, build_dataset, collate_skip_none, eval_loader
+from mae.data import CorruptDatasetError, build_dataset, collate_skip_none, eval_loader, held_out_split
 from mae.device_input import Prefetcher, ToDevice, build_train_input, prefetch_depth
 from mae.engine import autocast, autocast_dtype, select_device, worker_seed
 from mae.models import MaskedAutoencoderViT
@@ -52,7 +52,7 @@ def num_classes(train: Dataset, test: Dataset) -> int:
     Labels are indices into each split's class list, so both splits must name the same
     classes in the same order: an ImageFolder whose val/ lacks a class folder, or a
     pre-decoded store made from another tree, would shift every label after it. Raises
-    ValueError naming the difference.
+    CorruptDatasetError (a ValueError) naming the difference.
     """
     names = [list(getattr(getattr(d, "dataset", d), "classes", None) or []) for d in (train, test)]  # through a Subset
     if all(names) and names[0] != names[1]:
@@ -107,16 +107,22 @@ def fit_logistic(
 def quick_probe(
     model: MaskedAutoencoderViT, cfg: ExperimentConfig, device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """Top-1 of a logistic regression on frozen features (the sweep objective).
+    """Top-1 of a logistic regression on frozen features (the sweep objective), scored on
+    training images held out from its fit (probe.quick_split val) or on the test split.
 
-    Returns {"probe_top1", "probe_train_top1", "probe_n_train", "probe_n_test", "probe_seconds"}.
+    Returns {"probe_top1", "probe_train_top1", "probe_n_train", "probe_n_test", "probe_seconds"}
+    (probe_n_test: the images it was scored on, from either split).
     """
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else select_device(cfg.train.device)
     model = model.to(device)
     p = cfg.probe
-    train = build_dataset(cfg, "train", augment=False, subset=p.quick_train_size)
-    test = build_dataset(cfg, "test", augment=False, subset=p.quick_test_size)
+    if p.quick_split == "val":
+        train, test = held_out_split(build_dataset(cfg, "train", augment=False), p.quick_train_size,
+                                     p.quick_test_size)
+    else:
+        train = build_dataset(cfg, "train", augment=False, subset=p.quick_train_size)
+        test = build_dataset(cfg, "test", augment=False, subset=p.quick_test_size)
     classes = num_classes(train, test)
     dtype = autocast_dtype(cfg, device)
     x_train, y_train = extract_features(model, train, device, p.pool, dtype=dtype, num_workers=cfg.data.num_workers)

@@ -70,8 +70,9 @@ _RUN_COLUMNS = [
     Column("status", pa.string(), "FINISHED or ERROR"),
     Column("top1", pa.float64(), "test top-1 after the last epoch"),
     Column("best_top1", pa.float64(), "highest test top-1 over the epochs"),
-    Column("test_images", pa.int64(), "test images top1 and best_top1 are measured on (the first "
-                                      "probe.test_subset / finetune.test_subset, else the whole test split)"),
+    Column("test_images", pa.int64(), "test images top1 and best_top1 are measured on (probe.test_subset / "
+                                      "finetune.test_subset of them, spread over the split, else all; an "
+                                      "unreadable one is counted here but left out of top1)"),
     Column("final_train_loss", pa.float64(), "training loss of the last epoch"),
     Column("epochs_completed", pa.int64(), "epochs run"),
     Column("seconds", pa.float64(), "seconds the run took on its worker (data, training, evaluation)"),

@@ -9,7 +9,7 @@ Chooses trials as `linear_probe.py` does, then runs `mae.finetune.finetune` (tim
 the encoder's weights, layer-wise lr decay, drop path, label smoothing, mixup/cutmix,
 average pooling; `finetune.*` of the experiment sets epochs, batch and lr) in a
 TorchTrainer, DDP over --workers. --from-scratch trains the same classifier with the same
-schedule from random weights, to show what pretraining adds. Each run checkpoints every
+schedule from random weights (without layer-wise lr decay), to show what pretraining adds. Each run checkpoints every
 `finetune.checkpoint_every` epochs; a failed worker group (up to `sweep.max_failures`
 times) resumes from the last checkpoint rather than from epoch 0. Rows go to finetune.parquet
 in the sweep folder (init: pretrained or scratch); the fine-tuned classifier is saved in
@@ -28,7 +28,7 @@ from ray_jobs.reuse import FINETUNE, build_parser, main
 if __name__ == "__main__":
     parser = build_parser(FINETUNE, __doc__)
     parser.add_argument("--from-scratch", action="store_true",
-                        help="random initial weights instead of the trials' encoders (same schedule)")
+                        help="random initial weights instead of the trials' encoders (same schedule, no layer decay)")
     parser.add_argument("--workers", type=int, default=1, help="Train workers (DDP) per encoder (default 1)")
     args = parser.parse_args()
     sys.exit(main(FINETUNE, None, __doc__, workers=args.workers, from_scratch=args.from_scratch, args=args))

@@ -49,10 +49,11 @@ TRIAL_COLUMNS: list[Column] = [
                                    "(ended early by the scheduler, not probed) or ERROR"),
     Column("params", pa.string(), "the searched values of this trial, as JSON {key: value}"),
     Column("objective", pa.string(), "name of the metric the sweep optimises (sweep.metric)"),
-    Column("probe_top1", pa.float64(), "quick-probe top-1 on the test split (the default objective)"),
+    Column("probe_top1", pa.float64(), "quick-probe top-1 (the default objective) on training images held out "
+                                       "from its fit (probe.quick_split val, the default) or on the test split"),
     Column("probe_train_top1", pa.float64(), "quick-probe top-1 on its own training features"),
     Column("probe_n_train", pa.int64(), "images the quick probe was fitted on"),
-    Column("probe_n_test", pa.int64(), "test images the quick probe was scored on"),
+    Column("probe_n_test", pa.int64(), "images the quick probe was scored on (held-out or test, as probe_top1)"),
     Column("probe_seconds", pa.float64(), "seconds the quick probe took"),
     Column("final_train_loss", pa.float64(), "reconstruction loss of the last epoch"),
     Column("best_train_loss", pa.float64(), "lowest epoch reconstruction loss"),

@@ -157,6 +157,27 @@ def test_layer_wise_lr_decay_scales_each_block(pretrained):
     assert peak_lr(cfg, world_size=2) == cfg.finetune.base_lr * 32 * 2 / 256
 
 
+def test_layer_decay_follows_the_reference_with_the_cls_token_and_none_from_scratch():
+    from timm.optim import param_groups_layer_decay
+
+    cfg = _cfg("finetune.layer_decay=0.5", "finetune.global_pool=token")
+    clf = build_classifier(cfg, 10)
+    depth = len(clf.blocks)
+
+    def scales(groups):
+        return {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+
+    ours = scales(optimizer_for(clf, cfg, lr=1.0).param_groups)
+    assert ours[id(clf.norm.weight)] == ours[id(clf.head.weight)] == 1.0  # after the blocks: the head's scale
+    timms = scales(param_groups_layer_decay(clf, 0.05, clf.no_weight_decay(), layer_decay=0.5))
+    assert timms[id(clf.norm.weight)] == 0.5  # timm groups it with the last block
+    others = [p for n, p in clf.named_parameters() if not n.startswith("norm.")]
+    assert all(ours[id(p)] == timms[id(p)] for p in others)  # the same elsewhere
+    assert ours[id(clf.patch_embed.proj.weight)] == 0.5 ** (depth + 1)
+    scratch = scales(optimizer_for(clf, cfg, lr=1.0, from_scratch=True).param_groups)
+    assert set(scratch.values()) == {1.0}  # random weights: nothing to shield from large updates
+
+
 def test_finetune_config_is_checked():
     with pytest.raises(ConfigError, match="finetune.batch_size"):
         load_config(SMOKE, ["finetune.batch_size=33"])

@@ -265,7 +265,7 @@ def test_splits_or_a_store_naming_other_classes_are_refused(tmp_path, store):
     (tree / "val" / "a" / "0.jpg").rename(tree / "train" / "a" / "0.jpg")
     model = build_mae("mae_vit_micro_patch4", img_size=32, in_chans=3)
     with pytest.raises(ValueError, match=r"only in training: \['b'\]; only in test: \[\]"):
-        quick_probe(model, folder_cfg(tree, "cpu"), device="cpu")
+        quick_probe(model, folder_cfg(tree, "cpu", "probe.quick_split=test"), device="cpu")
     other = tmp_path / "other" / "x"  # a store made from another tree than the one the test split reads
     other.mkdir(parents=True)
     (tree / "train" / "a" / "0.jpg").rename(other / "0.jpg")

@@ -136,3 +136,33 @@ def test_a_probe_does_not_resume_from_another_kind_of_checkpoint(tmp_path):
         linear_probe(_encoder(0), cfg, device="cpu", progress=False, run_dir=tmp_path)
     with pytest.raises(ConfigError, match="probe.checkpoint_every"):
         load_config(None, ["probe.checkpoint_every=0"])
+
+
+def test_held_out_images_are_disjoint_from_the_fit_and_spread_over_the_split():
+    from mae.data import held_out_split
+
+    classes = torch.arange(1000) // 100  # an ImageFolder lists its 10 classes one after another
+    fit, held = held_out_split(classes, 300, 200)
+    assert len(fit) == 300 and len(held) == 200 and not set(fit.indices) & set(held.indices)
+    for part in (fit, held):  # every class keeps its share in both
+        assert torch.bincount(classes[part.indices], minlength=10).tolist() == [len(part) // 10] * 10
+    assert len(held_out_split(classes, 300, None)[1]) == 300  # None: as many as it fits on
+    fit, held = held_out_split(classes, 10000, None)  # more than there are: half and half, with a warning
+    assert (len(fit), len(held)) == (500, 500) and not set(fit.indices) & set(held.indices)
+    assert [len(part) for part in held_out_split(classes, 700, 1300)] == [350, 650]
+    with pytest.raises(ConfigError, match="probe.quick_split=test"):
+        held_out_split(classes[:1], 10, None)
+
+
+def test_the_quick_probe_scores_held_out_training_images_unless_asked_for_the_test_split(monkeypatch):
+    built = []
+    build = mae.probe.build_dataset
+    monkeypatch.setattr(mae.probe, "build_dataset", lambda cfg, split, **kw: built.append(split) or build(cfg, split, **kw))
+    model = build_mae("mae_vit_micro_patch4", img_size=16, in_chans=3)
+    base = ["data.dataset=synthetic", "data.synthetic_size=200", "model.img_size=16", "model.in_chans=3",
+            "probe.quick_train_size=60", "probe.quick_test_size=40", "probe.quick_epochs=5", "train.device=cpu"]
+    out = mae.probe.quick_probe(model, load_config(None, base))
+    assert built == ["train"] and (out["probe_n_train"], out["probe_n_test"]) == (60, 40)
+    built.clear()
+    out = mae.probe.quick_probe(model, load_config(None, [*base, "probe.quick_split=test"]))
+    assert built == ["train", "test"] and out["probe_n_test"] == 40
