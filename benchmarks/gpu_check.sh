@@ -2,7 +2,8 @@
 # Issue 5's GPU figures and GPU tests in one prepared call to a one-GPU machine (H100 or H200),
 # about 9 minutes, written for this project's `device` tool:
 #   run(command="bash benchmarks/gpu_check.sh", timeout_s=600)
-# (the step limits add up to 570 s, so the summary and logs.txt are written even if every step runs to its limit)
+# (the step limits add up to 570 s, plus at most 30 s for machine.txt, so the summary and logs.txt are written
+# even if every step runs to its limit)
 # It needs nothing beyond the GPU image's torch, torchvision, timm, transformers, pytest
 # (no Ray, no dataset). Each step has its own time limit, so a slow one cannot starve the
 # rest; steps run in order of importance. Results go to $OUT (the device tool's folder),
@@ -15,7 +16,7 @@ out=${OUT:-results/gpu_check}
 mkdir -p "$out"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  "$py" -c "import torch, torchvision, timm, transformers as t; print('torch', torch.__version__, \
+  timeout 30 "$py" -c "import torch, torchvision, timm, transformers as t; print('torch', torch.__version__, \
 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'transformers', t.__version__)"
   date -u +%FT%TZ
   echo "cpus $(nproc)"
@@ -31,16 +32,16 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to $out/NAM
 }
 
 # 1. ViT-B/16: ours compiled and eager vs HF eager, the loss-curve check (bf16 compiled vs fp32 eager)
-step throughput_vit_b 235 "$py" benchmarks/throughput.py --model mae_vit_base_patch16 --img-size 224 \
+step throughput_vit_b 230 "$py" benchmarks/throughput.py --model mae_vit_base_patch16 --img-size 224 \
   --in-chans 3 --batch-size 256 --variants ours-compiled,ours-eager,hf-eager --check-steps 200 \
   --json "$out/throughput_vit_b.json"
 # 2. JPEG input: PIL workers vs GPU decode vs a pre-decoded store (both prefetched on a side stream),
 #    alone and feeding the compiled ViT-B step
-step input_pipeline 115 "$py" benchmarks/input_pipeline.py --num-images 4096 --model mae_vit_base_patch16 \
+step input_pipeline 110 "$py" benchmarks/input_pipeline.py --num-images 4096 --model mae_vit_base_patch16 \
   --img-size 224 --batch-size 256 --workers 16 --steps 30 --input-batches 30 --warmup 10 --compile \
   --arms cpu,device+prefetch,predecoded+prefetch --json "$out/input_pipeline.json"
 # 3. where the compiled ViT-B step's time goes (kernel categories, GPU busy fraction): what to fix if 1 falls short
-step profile_vit_b 45 "$py" benchmarks/profile_step.py --model mae_vit_base_patch16 --img-size 224 --in-chans 3 \
+step profile_vit_b 55 "$py" benchmarks/profile_step.py --model mae_vit_base_patch16 --img-size 224 --in-chans 3 \
   --batch-size 256 --compile --top 20 --json "$out/profile_vit_b.json"
 # 4. ViT-L/16 at batch 128
 step throughput_vit_l 105 "$py" benchmarks/throughput.py --model mae_vit_large_patch16 --img-size 224 \

@@ -103,9 +103,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except ResumeRefusedError as e:  # say which flag names another folder
         raise ResumeRefusedError(f"{e} (another run folder: --out DIR; the default is runs/<experiment name>)") from e
     summary_file = run_dir / "summary.json"
-    if not result.epochs and summary_file.is_file():  # the run had finished: nothing trained, nothing to redo
+    try:
+        old = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    except ValueError:  # damaged: written anew below
+        old = None
+    if not result.epochs and old is not None and (args.no_probe or "probe_top1" in old):
+        # the run had finished: nothing trained, nothing to redo (a summary without the probe asked for gets it)
         log.info("%s had trained all its %d epochs already; its summary.json is as it was", run_dir, cfg.train.epochs)
-        print(summary_file.read_text())
+        print(json.dumps(old, indent=2))
         return 0
     history = result.history  # every epoch of the run, over all its attempts
     train_time = sum(h["epoch_time_s"] for h in history)
@@ -113,7 +118,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                "epochs": len(history), "final_loss": result.final_loss, "train_time_s": train_time,
                "images_per_sec": sum(h["images_per_sec"] * h["epoch_time_s"] for h in history) / train_time
                if train_time > 0 else 0.0,
-               "wall_time_s": result.wall_time_s, **result.derived}
+               "wall_time_s": result.wall_time_s,  # this attempt's: the one number not over the whole run
+               **result.derived}
     if history:
         summary["first_epoch_loss"] = history[0]["train_loss"]
     if not args.no_probe and result.checkpoint_dir is not None:

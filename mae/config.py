@@ -93,7 +93,7 @@ class ProbeConfig:
     # over the training split, disjoint), so that a sweep choosing encoders by it leaves the test
     # split to the reuse jobs' final scores; test: the test split
     quick_split: str = "val"
-    quick_train_size: int = 10000  # training images the quick probe fits on (spread as data.train_subset's)
+    quick_train_size: int = 10000  # training images the quick probe fits on (spread over the split)
     # images it is scored on; None: with quick_split val as many as it fits on, with test all (a split too small
     # for both sizes is shared between fit and score in their proportion)
     quick_test_size: int | None = None
@@ -322,6 +322,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     values = apply_overrides(values, overrides or [])
     cfg = from_dict(ExperimentConfig, values)
     validate(cfg)
+    check_grid_mask(cfg)
     return cfg
 
 
@@ -336,7 +337,27 @@ def replace(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfi
     """A copy with {"mask.ratio": 0.5, ...} applied and validated (sweeps use this)."""
     texts = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
              for k, v in overrides.items()]
-    return config_from_dict(apply_overrides(to_dict(cfg), texts))
+    new = config_from_dict(apply_overrides(to_dict(cfg), texts))
+    if any(k.startswith(("mask.", "model.")) for k in overrides):  # a sweep point's own masking
+        check_grid_mask(new)
+    return new
+
+
+def check_grid_mask(cfg: ExperimentConfig) -> None:
+    """ConfigError if mask.strategy grid would not keep a lattice (`mae.masking.grid_lattice_fits`).
+    Checked for configs a run is started from (load_config, a sweep's points), not in `validate`:
+    a checkpoint of a grid run from before this check (2026-11-29) must still load."""
+    if cfg.mask.strategy != "grid":
+        return
+    args = resolved_model_args(cfg)
+    side = args["img_size"] // args["patch_size"]
+    if not grid_lattice_fits(side, cfg.mask.ratio):
+        s = grid_stride(cfg.mask.ratio)
+        raise ConfigError(
+            f"mask.strategy: 'grid' keeps one patch in every s x s cell (here s = {s}), which needs mask.ratio "
+            f"1 - 1/s^2 (0.75 for s = 2, 0.8889 for s = 3) and a patch grid side divisible by s; with mask.ratio "
+            f"{cfg.mask.ratio} and a {side} x {side} patch grid part of each mask would be random, not a grid. "
+            "Use mask.strategy random, or such a ratio with model.img_size / model.patch_size a multiple of s")
 
 
 # -- validation ------------------------------------------------------------------------
@@ -360,14 +381,6 @@ def validate(cfg: ExperimentConfig) -> None:
     num_patches = (args["img_size"] // args["patch_size"]) ** 2
     require(num_visible(num_patches, cfg.mask.ratio) >= 1, "mask.ratio",
             f"{cfg.mask.ratio} leaves no visible patch out of {num_patches}")
-    side = args["img_size"] // args["patch_size"]
-    if cfg.mask.strategy == "grid" and not grid_lattice_fits(side, cfg.mask.ratio):
-        s = grid_stride(cfg.mask.ratio)
-        raise ConfigError(
-            f"mask.strategy: 'grid' keeps one patch in every s x s cell (here s = {s}), which needs mask.ratio "
-            f"1 - 1/s^2 (0.75 for s = 2, 0.8889 for s = 3) and a patch grid side divisible by s; with mask.ratio "
-            f"{cfg.mask.ratio} and a {side} x {side} patch grid part of each mask would be random, not a grid. "
-            "Use mask.strategy random, or such a ratio with model.img_size / model.patch_size a multiple of s")
     require(cfg.data.dataset in DATASETS, "data.dataset",
             f"must be one of {list(DATASETS)}, got {cfg.data.dataset!r}")
     require(cfg.data.train_subset is None or cfg.data.train_subset > 0, "data.train_subset", "must be positive")

@@ -272,7 +272,8 @@ def decode_jpegs(
         # torchvision's CUDA decode allocates its outputs on this stream but writes them from
         # its own stream without waiting for this one, so it can overwrite memory just freed
         # here that queued kernels are still to read (pytorch/vision PR #9606). Drain the stream
-        # first: in the prefetch thread it holds only input work, so the step runs on meanwhile.
+        # first: in the prefetch thread it holds only input work, so the step runs on meanwhile
+        # (inline, data.prefetch 0, the decode waits for the previous step to finish).
         torch.cuda.current_stream(device).synchronize()
         try:
             for i, img in zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=mode, device=device)):

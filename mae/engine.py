@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, check_epoch_length, check_recipe, check_world_size, checkpoint_due, latest_checkpoint,
-    load_checkpoint, model_state, resume_source, rng_state, save_epoch_checkpoint, set_rng_state,
+    CheckpointError, ResumeRefusedError, check_epoch_length, check_recipe, check_world_size, checkpoint_due,
+    latest_checkpoint, load_checkpoint, model_state, resume_source, rng_state, save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import (
-    PRETRAIN_RECIPE, ConfigError, ExperimentConfig, config_from_dict, derived_values, resolved_model_args, to_dict, uses_cuda_graphs,
+    PRETRAIN_RECIPE, ConfigError, ExperimentConfig, config_from_dict, derived_values, resolved_model_args, to_dict,
+    uses_cuda_graphs,
 )
 from mae.data import CorruptDatasetError
 from mae.device_input import Prefetcher, build_pretrain_input, prefetch_depth
@@ -271,7 +272,7 @@ def pretrain(
         try:
             optimizer.load_state_dict(payload["optimizer"])
         except ValueError as e:  # torch: a group of another size
-            raise CheckpointError(
+            raise ResumeRefusedError(
                 f"{source}: its optimizer state does not fit this model's parameter groups ({e}). It was "
                 "written by another model or mae version (mae 0.1.0 before 2026-11-29 did not weight-decay "
                 "the cls and mask tokens): resume with the code that wrote it, or start in another run folder"

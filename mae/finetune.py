@@ -53,8 +53,8 @@ from tqdm import tqdm
 
 import mae
 from mae.checkpoint import (
-    CheckpointError, check_epoch_length, check_kind, check_recipe, check_world_size, checkpoint_due, load_checkpoint,
-    model_state, resume_source, rng_state, save_epoch_checkpoint, set_rng_state,
+    CheckpointError, ResumeRefusedError, check_epoch_length, check_kind, check_recipe, check_world_size,
+    checkpoint_due, load_checkpoint, model_state, resume_source, rng_state, save_epoch_checkpoint, set_rng_state,
 )
 from mae.config import FINETUNE_RECIPE, ConfigError, ExperimentConfig, resolved_model_args, to_dict, uses_cuda_graphs
 from mae.data import build_dataset, eval_loader
@@ -340,10 +340,15 @@ def finetune(
     if payload is not None:
         try:
             model.load_state_dict(model_state(payload), strict=True)
+            scales = [group["lr_scale"] for group in optimizer.param_groups]
             optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError) as e:  # another model shape, or other parameter groups
-            raise CheckpointError(f"{source} does not fit this fine-tuning run's model or optimizer ({e}); resume "
-                                  "with the config that wrote it, or start in another run folder") from e
+            raise ResumeRefusedError(
+                f"{source} does not fit this fine-tuning run's model or optimizer ({e}); resume with the config "
+                "that wrote it, or start in another run folder. With finetune.global_pool token, a checkpoint "
+                "written before 2026-11-29 (f8c8e8f) has other layer-decay groups: resume it with that code") from e
+        for group, scale in zip(optimizer.param_groups, scales):  # this code's scales, not the checkpoint's
+            group["lr_scale"] = scale  # (a from-scratch run of older code had layer decay)
         start_epoch, step = int(payload["epoch"]), int(payload["step"])
         images, train_time = int(payload["images"]), float(payload["train_time_s"])
         result.epochs = list(payload["history"])

@@ -1,8 +1,10 @@
 """Linear probing of a frozen MAE encoder.
 
 - `quick_probe`: logistic regression (L-BFGS, full batch) on cached frozen features of a
-  training subset, scored on the test split. Seconds on a CPU; every sweep trial ends
-  with it, and its top-1 is the sweep objective.
+  training subset, scored on other training images held out from its fit
+  (`probe.quick_split: val`, the default) or on the test split (`test`). Seconds on a CPU;
+  every sweep trial ends with it, and its top-1 is the sweep objective, so by default
+  choosing encoders never looks at the test split.
 - `linear_probe`: the paper's recipe (He et al. 2021, Appendix A.2): frozen encoder,
   BatchNorm without affine before a linear head, LARS (timm's) or SGD, lr = base_lr *
   batch / 256, cosine schedule with warm-up, augmented training images, read through
@@ -12,7 +14,7 @@
   Given a `run_dir`, it checkpoints every `probe.checkpoint_every` epochs (head, optimizer,
   RNG states, the epochs so far: small, the encoder is not in them) and resumes from the
   newest one, drawing what an uninterrupted run would have drawn.
-Both report top-1 on the held-out test split.
+`linear_probe` reports top-1 on the test split.
 """
 
 import itertools

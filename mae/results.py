@@ -164,7 +164,14 @@ def _read_experiment(folder: Path) -> dict[str, Any]:
         return {}
     import yaml
 
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UnreadableTableError(f"{path} is not valid YAML ({e}); the sweep wrote it when it began: restore it "
+                                   "from a copy, or read the tables with pyarrow") from e
+    if not isinstance(values, dict):
+        raise UnreadableTableError(f"{path} holds a {type(values).__name__}, not the sweep's experiment")
+    return values
 
 
 @dataclass
@@ -354,8 +361,9 @@ def list_sweeps(root: str | os.PathLike | None = None) -> pd.DataFrame:
         updated = pd.Timestamp((folder / TRIALS_FILE).stat().st_mtime, unit="s", tz="UTC")
         try:
             sweep = load_sweep(folder)
-        except UnreadableTableError as e:
-            rows.append({"name": folder.name, "folder": str(folder), "updated": updated, "error": str(e)})
+        except (UnreadableTableError, OSError) as e:  # a damaged table or experiment.yaml
+            rows.append({"name": folder.name, "folder": str(folder), "updated": updated,
+                         "error": f"{type(e).__name__}: {e}"})
             continue
         finished = sweep.finished
         objective = sweep.objective
@@ -369,7 +377,7 @@ def list_sweeps(root: str | os.PathLike | None = None) -> pd.DataFrame:
         })
     columns = ["name", "folder", "trials", "finished", "objective", "best", "probed", "finetuned", "updated",
                "error"]
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=columns).astype({"trials": "Int64", "finished": "Int64"})
     return frame.sort_values("updated", ascending=False, kind="stable").reset_index(drop=True)
 
 

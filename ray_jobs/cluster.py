@@ -130,6 +130,10 @@ def trial_resources(warn: bool = True) -> dict[str, float]:
 def worker_resources(cpus_per_worker: float, gpus_per_worker: float) -> tuple[dict[str, float], bool]:
     """(resources per Train worker, use_gpu): GPU fractions only when the cluster has GPUs."""
     resources: dict[str, float] = {"CPU": cpus_per_worker}
+    if gpus_per_worker > 1:  # the sweeps refuse it; the pretraining and reuse jobs take it down to 1
+        log.warning("sweep.gpus_per_worker is %g, but a Train worker drives one GPU: reserving 1 per worker "
+                    "(raise sweep.workers_per_trial for more GPUs)", gpus_per_worker)
+        gpus_per_worker = 1.0
     use_gpu = gpus_per_worker > 0 and cluster_gpus() > 0
     if gpus_per_worker > 0 and not use_gpu:
         log.warning("sweep.gpus_per_worker is %g but the cluster has no GPU; training on CPUs", gpus_per_worker)

@@ -159,7 +159,7 @@ def probe_checkpoint(checkpoint: Checkpoint, cfg: ExperimentConfig, use_gpu: boo
     """
     s = cfg.sweep
     task = ray.remote(_probe).options(
-        num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if use_gpu else 0,
+        num_cpus=s.cpus_per_worker, num_gpus=min(1.0, s.gpus_per_worker) if use_gpu else 0,
         scheduling_strategy="DEFAULT", max_retries=1,
     )
     return ray.get(task.remote(checkpoint, max(1, int(s.cpus_per_worker)), use_gpu))

@@ -15,7 +15,7 @@ be reported twice; rows are keyed by (trial_id, epoch) and the last report wins.
 
 import contextlib
 import dataclasses
-import fcntl
+import errno
 import json
 import logging
 import os
@@ -180,14 +180,29 @@ def _replaced_atomically(target: Path):
 @contextlib.contextmanager
 def locked(path: Path):
     """Hold an exclusive lock beside a local file (path's folder, .NAME.lock) for a read-modify-write
-    of it: two jobs adding rows to one table at once would otherwise each write back only their own."""
+    of it: two jobs adding rows to one table at once would otherwise each write back only their own.
+
+    flock(2): between processes of one host, and across hosts where the file system supports it
+    (NFS v4, Lustre mounted with flock). Where it does not, the block runs unlocked, with a warning,
+    rather than fail after the work whose row it writes."""
+    import fcntl  # POSIX only: imported here, so that the module still imports elsewhere
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        held = True
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            log.warning("cannot lock %s (%s): writing it unlocked; two jobs writing it at once may lose rows",
+                        path, e)
+            held = False
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def read_table(path: str) -> pa.Table | None:

@@ -366,7 +366,16 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
                               "check --storage and --name")
         import yaml
 
-        saved_cfg = config_from_dict(yaml.safe_load(_read_text(saved)))
+        saved_values = yaml.safe_load(_read_text(saved))
+        if "quick_split" not in saved_values.get("probe", {}):  # saved before f8c8e8f: its trials were
+            saved_values.setdefault("probe", {})["quick_split"] = "test"  # scored on the test split; so are the rest
+            log.warning("--resume: %s predates probe.quick_split; its remaining trials are scored as its first were, "
+                        "on the test split", saved)
+        saved_cfg = config_from_dict(saved_values)
+        if saved_cfg.sweep.gpus_per_worker > 1:  # allowed before 9c08f1c; each worker drives one GPU
+            log.warning("--resume: sweep.gpus_per_worker %g reserved GPUs its workers left idle; the remaining "
+                        "trials reserve 1 per worker", saved_cfg.sweep.gpus_per_worker)
+            saved_cfg = replace(saved_cfg, {"sweep.gpus_per_worker": 1.0})
         if args.max_concurrent is not None:  # the one thing a resume may change
             saved_cfg = replace(saved_cfg, {"sweep.max_concurrent": args.max_concurrent})
         saved_flat, asked = flatten(saved_cfg), flatten(cfg)

@@ -122,3 +122,13 @@ def test_asking_for_cuda_without_one_names_the_key():
     with pytest.raises(ConfigError, match="train.device: cuda:1 was asked for.*train.device=cpu"):
         select_device("cuda:1")
     assert select_device("auto").type == "cpu"
+
+
+def test_a_grid_run_saved_before_the_lattice_check_still_loads():
+    from mae.config import config_from_dict
+
+    saved = to_dict(load_config(None))
+    saved["mask"]["strategy"] = "grid"  # 7 x 7 patches: no 2 x 2 lattice, refused for new runs since 2026-11-29
+    assert config_from_dict(saved).mask.strategy == "grid"  # its checkpoints load
+    with pytest.raises(ConfigError, match="mask.strategy: 'grid'"):
+        replace(config_from_dict(saved), {"mask.ratio": 0.75})  # a new sweep point is checked

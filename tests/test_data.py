@@ -166,7 +166,7 @@ def test_evaluation_splits_are_read_in_order_by_the_configured_workers(workers):
     assert loader.persistent_workers == (workers > 0)
 
 
-def test_probes_and_finetuning_read_their_test_split_with_data_num_workers(monkeypatch):
+def test_probes_and_finetuning_read_their_evaluation_images_with_data_num_workers(monkeypatch):
     import mae.finetune
     import mae.probe
     from mae.models import build_mae
@@ -182,6 +182,6 @@ def test_probes_and_finetuning_read_their_test_split_with_data_num_workers(monke
                              "finetune.test_subset=16"])
     model = build_mae("mae_vit_micro_patch4", img_size=28, in_chans=1)
     mae.probe.quick_probe(model, cfg, device="cpu")
-    assert calls == [(1, False), (1, False)]  # features of the training and test images, one pass each
+    assert calls == [(1, False), (1, False)]  # features of the fitted and the held-out images, one pass each
     result = mae.finetune.finetune(cfg, model.state_dict(), device="cpu", progress=False)
     assert calls[2:] == [(1, True)] and 0.0 <= result.top1 <= 1.0  # kept across the epochs' evaluations

@@ -50,7 +50,7 @@ def test_pretrained_encoder_probes_better_than_random_init(trained):
     random_init = build_model(cfg)
     pretrained_top1 = quick_probe(model, cfg)["probe_top1"]
     random_top1 = quick_probe(random_init, cfg)["probe_top1"]
-    # 2,000 test images: one standard error is under 1 point
+    # 2,000 held-out images: one standard error is under 1 point
     assert pretrained_top1 > random_top1 + 0.02, (pretrained_top1, random_top1)
     assert pretrained_top1 > 0.70  # far above chance (0.10)
 

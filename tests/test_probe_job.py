@@ -248,3 +248,18 @@ def test_a_text_metric_is_refused_and_rows_name_their_sweep_wherever_they_go(swe
     out, targets = reuse.choose(_args("--sweep", str(sweep_folder), "--out", str(tmp_path / "elsewhere")))
     row = reuse.make_row(reuse.PROBE, targets[0], "r1", "git:abc", {"top1": 0.5}, None, False)
     assert out == (tmp_path / "elsewhere").resolve() and row["sweep"] == sweep_folder.name
+
+
+def test_a_row_waits_while_another_job_holds_the_table(tmp_path):
+    import threading
+    import time
+
+    table = reuse.RunTable(reuse.PROBE, tmp_path)
+    row = {"run_id": "run-b", "trial_id": "t0", "source_checkpoint": "/ckpt", "status": "FINISHED"}
+    with sweep_tables.locked(table.path):  # another job is between its read and its write
+        adding = threading.Thread(target=table.add, args=(row,))
+        adding.start()
+        time.sleep(0.5)
+        assert adding.is_alive() and not table.path.exists()  # it waits for the lock
+    adding.join(timeout=30)
+    assert [r["run_id"] for r in pq.read_table(table.path).to_pylist()] == ["run-b"]

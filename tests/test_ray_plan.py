@@ -492,3 +492,22 @@ def test_the_embedded_ray_counts_the_cpus_a_container_allows(tmp_path, monkeypat
     assert cluster.available_cpus(tmp_path) == 1
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cluster.available_cpus(tmp_path) == mine
+
+
+def test_resuming_a_sweep_saved_before_the_held_out_split_and_the_gpu_limit(tmp_path):
+    # its trials were scored on the test split, with gpus_per_worker 2 allowed: the rest are scored
+    # as they were, and reserve the one GPU a worker uses (a resume ignores --set, so it cannot be asked)
+    import yaml
+
+    from mae.config import to_dict
+    from ray_jobs import sweep
+
+    saved = to_dict(load_config(SMOKE_SWEEP))
+    del saved["probe"]["quick_split"]
+    saved["sweep"]["gpus_per_worker"] = 2.0
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / sweep.EXPERIMENT_FILE).write_text(yaml.safe_dump(saved))
+    argv = ["--experiment", str(SMOKE_SWEEP), "--storage", str(tmp_path), "--name", "s", "--resume"]
+    plan = sweep.plan_sweep(sweep.build_parser(str(SMOKE_SWEEP), "").parse_args(argv))
+    assert plan.cfg.probe.quick_split == "test" and plan.cfg.sweep.gpus_per_worker == 1.0
+    assert load_config(SMOKE_SWEEP).probe.quick_split == "val"  # a new sweep's default

@@ -144,6 +144,9 @@ def test_list_sweeps_newest_first_and_results_dir_resolution(sweep_folder, monke
     assert "probe.parquet" in listed.loc[1, "error"] and pd.isna(listed.loc[1, "trials"])
     monkeypatch.delenv(results.RESULTS_DIR_ENV)
     assert results.results_dir(root=root) == sweep_folder  # the newest is still found
+    (older / results.PROBE_FILE).unlink()
+    (older / "experiment.yaml").write_text("sweep: [unclosed")
+    assert "not valid YAML" in results.list_sweeps(root).loc[1, "error"]
 
 
 def test_reuse_schemas_carry_their_recipe_and_context_columns():
