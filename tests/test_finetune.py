@@ -6,6 +6,7 @@ mae.interop.to_hf_state_dict, in both HF layouts.
 """
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -454,3 +455,22 @@ def test_finetune_under_ddp_shards_the_data_and_keeps_ranks_in_step(fashion_mnis
 def test_every_test_image_is_scored_once_across_ranks(n, world_size):
     scored = [i for rank in range(world_size) for i in eval_shard(n, rank, world_size)]
     assert sorted(scored) == list(range(n))  # none twice (DistributedSampler pads), none left out
+
+
+def test_a_resumed_run_keeps_this_codes_layer_decay_scales(tmp_path, monkeypatch):
+    # a from-scratch run written by code that still decayed its layers resumes without the decay
+    overrides = ["data.dataset=synthetic", "data.synthetic_size=64", *TINY_FINETUNE, "finetune.train_subset=64",
+                 "finetune.test_subset=32", "finetune.epochs=2"]
+    cfg = load_config(SMOKE, overrides)
+    finetune(cfg, from_scratch=True, device="cpu", progress=False, run_dir=tmp_path)
+    shutil.rmtree(tmp_path / "checkpoint-0002")  # as if stopped during epoch 2
+    payload = load_checkpoint(tmp_path / "checkpoint-0001")
+    for group in payload["optimizer"]["param_groups"]:
+        group["lr_scale"] = 0.5  # as the older code saved them
+    save_checkpoint(tmp_path / "checkpoint-0001", payload)
+    seen = []
+    real = mae.finetune.FinetuneStep
+    monkeypatch.setattr(mae.finetune, "FinetuneStep", lambda model, optimizer, *a, **k:
+                        seen.append([g["lr_scale"] for g in optimizer.param_groups]) or real(model, optimizer, *a, **k))
+    finetune(cfg, from_scratch=True, device="cpu", progress=False, run_dir=tmp_path)
+    assert seen and set(seen[0]) == {1.0}
