@@ -127,12 +127,18 @@ def trial_resources(warn: bool = True) -> dict[str, float]:
     return {"CPU": FALLBACK_DRIVER_CPU}
 
 
-def worker_resources(cpus_per_worker: float, gpus_per_worker: float) -> tuple[dict[str, float], bool]:
-    """(resources per Train worker, use_gpu): GPU fractions only when the cluster has GPUs."""
+def worker_resources(cpus_per_worker: float, gpus_per_worker: float,
+                     workers: int = 1) -> tuple[dict[str, float], bool]:
+    """(resources per Train worker, use_gpu): GPU fractions only when the cluster has GPUs.
+
+    A worker drives one GPU, and NCCL will not put two DDP ranks on one, so a share above 1,
+    or a fraction for a run of several workers, is reserved as 1 per worker, with a warning
+    (the sweeps refuse both up front; the pretraining and reuse jobs meet them in a trial's
+    config, e.g. fine-tuning with --workers 4 an encoder its sweep trained at 0.25)."""
     resources: dict[str, float] = {"CPU": cpus_per_worker}
-    if gpus_per_worker > 1:  # the sweeps refuse it; the pretraining and reuse jobs take it down to 1
-        log.warning("sweep.gpus_per_worker is %g, but a Train worker drives one GPU: reserving 1 per worker "
-                    "(raise sweep.workers_per_trial for more GPUs)", gpus_per_worker)
+    if gpus_per_worker > 1 or (0 < gpus_per_worker < 1 and workers > 1):
+        log.warning("sweep.gpus_per_worker is %g for %d worker(s), but a Train worker drives one GPU and DDP "
+                    "ranks cannot share one: reserving 1 per worker", gpus_per_worker, workers)
         gpus_per_worker = 1.0
     use_gpu = gpus_per_worker > 0 and cluster_gpus() > 0
     if gpus_per_worker > 0 and not use_gpu:

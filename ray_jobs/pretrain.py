@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def scaling_for(cfg: ExperimentConfig) -> ScalingConfig:
     """Workers per trial from `sweep.workers_per_trial`, `cpus_per_worker`, `gpus_per_worker`."""
     s = cfg.sweep
-    resources, use_gpu = cluster.worker_resources(s.cpus_per_worker, s.gpus_per_worker)
+    resources, use_gpu = cluster.worker_resources(s.cpus_per_worker, s.gpus_per_worker, s.workers_per_trial)
     cluster.check_fits(s.workers_per_trial, resources)
     return ScalingConfig(num_workers=s.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources)
 

@@ -241,7 +241,7 @@ def run_target(job: Job, target: Target, storage: Path, run_id: str, workers: in
     fail_at_epoch: fault injection for tests: rank 0 is killed once after that epoch.
     """
     s = target.cfg.sweep
-    resources, use_gpu = cluster.worker_resources(s.cpus_per_worker, s.gpus_per_worker)
+    resources, use_gpu = cluster.worker_resources(s.cpus_per_worker, s.gpus_per_worker, workers)
     cluster.check_fits(workers, resources)
     name = f"{job.kind}{'-scratch' if from_scratch else ''}-{target.label}-{run_id}"
     head_dir = storage / name / PROBE_HEAD_DIR  # written by the probe's worker, so storage must be shared

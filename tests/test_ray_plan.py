@@ -511,3 +511,15 @@ def test_resuming_a_sweep_saved_before_the_held_out_split_and_the_gpu_limit(tmp_
     plan = sweep.plan_sweep(sweep.build_parser(str(SMOKE_SWEEP), "").parse_args(argv))
     assert plan.cfg.probe.quick_split == "test" and plan.cfg.sweep.gpus_per_worker == 1.0
     assert load_config(SMOKE_SWEEP).probe.quick_split == "val"  # a new sweep's default
+
+
+def test_a_worker_reserves_at_most_one_gpu_and_ddp_ranks_never_share_one(monkeypatch):
+    from ray_jobs import cluster
+
+    monkeypatch.setattr(cluster, "cluster_gpus", lambda: 8)
+    assert cluster.worker_resources(1.0, 0.25, workers=1) == ({"CPU": 1.0, "GPU": 0.25}, True)  # trials share
+    # fine-tuning with --workers 4 an encoder its sweep trained at 0.25: NCCL refuses ranks on one GPU
+    assert cluster.worker_resources(1.0, 0.25, workers=4) == ({"CPU": 1.0, "GPU": 1.0}, True)
+    assert cluster.worker_resources(1.0, 2.0, workers=1) == ({"CPU": 1.0, "GPU": 1.0}, True)  # one GPU a worker
+    monkeypatch.setattr(cluster, "cluster_gpus", lambda: 0)
+    assert cluster.worker_resources(1.0, 0.25, workers=4) == ({"CPU": 1.0}, False)
