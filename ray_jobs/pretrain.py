@@ -225,7 +225,11 @@ def check_rerun(cfg: ExperimentConfig, storage: str, name: str) -> None:
         return
     last = latest_checkpoint(Path(storage) / name)
     if last is not None:
-        payload = load_checkpoint(last)
+        try:
+            payload = load_checkpoint(last)
+        except CheckpointError as e:  # e.g. a copy into storage cut short: Ray resumes from the newest it registered
+            log.warning("%s cannot be read (%s); the run's workers check the checkpoint Ray resumes from", last, e)
+            return
         check_recipe(payload, last, cfg, PRETRAIN_RECIPE)
         check_world_size(payload, last, cfg.sweep.workers_per_trial)
 

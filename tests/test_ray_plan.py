@@ -523,3 +523,14 @@ def test_a_worker_reserves_at_most_one_gpu_and_ddp_ranks_never_share_one(monkeyp
     assert cluster.worker_resources(1.0, 2.0, workers=1) == ({"CPU": 1.0, "GPU": 1.0}, True)  # one GPU a worker
     monkeypatch.setattr(cluster, "cluster_gpus", lambda: 0)
     assert cluster.worker_resources(1.0, 0.25, workers=4) == ({"CPU": 1.0}, False)
+
+
+def test_the_pre_flight_check_leaves_an_unreadable_newest_checkpoint_to_ray(tmp_path):
+    # a copy into storage cut short: Ray resumes from the newest checkpoint it registered, not this one
+    from mae.checkpoint import save_checkpoint
+    from ray_jobs import pretrain as pretrain_job
+
+    folder = save_checkpoint(tmp_path / "run" / "checkpoint-0002", {"model": {}, "epoch": 2})
+    data = (folder / "checkpoint.pt").read_bytes()
+    (folder / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    pretrain_job.check_rerun(load_config(SMOKE_SWEEP, ["mask.ratio=0.5"]), str(tmp_path), "run")  # no error
