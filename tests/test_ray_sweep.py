@@ -184,10 +184,14 @@ def ray_cluster():
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing to drain: stop at once
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
+    # The job agent's HTTP port too: its default, 52365, is taken by any other Ray on the machine
+    # (another test run's, an embedded one), and a node whose agent cannot bind it takes no jobs
+    # ("No available agent to submit job", for as long as the other Ray runs).
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+         "--num-cpus=2",
          "--resources=" + json.dumps({"trial_driver": 2}), f"--temp-dir={temp_dir}"],
         env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
