@@ -349,7 +349,12 @@ def spread_subset(dataset: Dataset, k: int | None) -> Dataset:
     n = len(dataset)
     if k is None or k >= n:
         return dataset
-    return torch.utils.data.Subset(dataset, [(2 * i + 1) * n // (2 * k) for i in range(k)])
+    return torch.utils.data.Subset(dataset, spread_indices(n, k))
+
+
+def spread_indices(n: int, k: int) -> list[int]:
+    """k of range(n), evenly spaced: the middle one of each n/k (k <= n), in order."""
+    return [(2 * i + 1) * n // (2 * k) for i in range(k)]
 
 
 def held_out_split(dataset: Dataset, n_fit: int, n_held_out: int | None) -> tuple[Dataset, Dataset]:
@@ -370,8 +375,8 @@ def held_out_split(dataset: Dataset, n_fit: int, n_held_out: int | None) -> tupl
         log.warning("the quick probe asks for %d + %d images (probe.quick_train_size + quick_test_size) of a "
                     "training split of %d: it fits on %d and scores %d", *wanted, n, n_fit, n_held_out)
     m = n_fit + n_held_out
-    picks = [(2 * i + 1) * n // (2 * m) for i in range(m)]
-    held = {(2 * j + 1) * m // (2 * n_held_out) for j in range(n_held_out)}  # spread over the picks
+    picks = spread_indices(n, m)
+    held = set(spread_indices(m, n_held_out))  # spread over the picks
     return (torch.utils.data.Subset(dataset, [picks[i] for i in range(m) if i not in held]),
             torch.utils.data.Subset(dataset, [picks[i] for i in sorted(held)]))
 
