@@ -92,7 +92,7 @@ def _checkpoint_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mae.engine import model_with_weights, pretrain
+    from mae.engine import model_with_weights, pretrain, summarize_history
     from mae.probe import quick_probe
 
     cfg = _with_cli_values(to_dict(load_config(args.config)), args)
@@ -113,15 +113,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         print(json.dumps(old, indent=2))
         return 0
     history = result.history  # every epoch of the run, over all its attempts
-    train_time = sum(h["epoch_time_s"] for h in history)
-    summary = {"run_dir": str(run_dir), "checkpoint": str(result.checkpoint_dir),
-               "epochs": len(history), "final_loss": result.final_loss, "train_time_s": train_time,
-               "images_per_sec": sum(h["images_per_sec"] * h["epoch_time_s"] for h in history) / train_time
-               if train_time > 0 else 0.0,
+    summary = {"run_dir": str(run_dir), "checkpoint": str(result.checkpoint_dir), **summarize_history(history),
                "wall_time_s": result.wall_time_s,  # this attempt's: the one number not over the whole run
                **result.derived}
     if history:
-        summary["first_epoch_loss"] = history[0]["train_loss"]
+        summary["first_train_loss"] = history[0]["train_loss"]
     if not args.no_probe and result.checkpoint_dir is not None:
         summary.update(quick_probe(model_with_weights(cfg, load_checkpoint(result.checkpoint_dir)), cfg))
     summary_file.write_text(json.dumps(summary, indent=2))

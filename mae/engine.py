@@ -383,6 +383,22 @@ def pretrain(
     return result
 
 
+def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Losses, epochs and throughput over a run's whole history (every attempt, resumes included),
+    under the sweep table's column names: summary.json and the Ray jobs both report these."""
+    if not history:
+        return {}
+    losses = [h["train_loss"] for h in history]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    train_time = sum(h["epoch_time_s"] for h in history)
+    images = sum(h["images_per_sec"] * h["epoch_time_s"] for h in history)
+    return {
+        "final_train_loss": losses[-1], "best_train_loss": losses[best],
+        "best_epoch": int(history[best]["epoch"]), "epochs_completed": len(history),
+        "train_time_s": train_time, "images_per_sec": images / train_time if train_time > 0 else 0.0,
+    }
+
+
 class InputWait:
     """Iterates `batches`, adding up in `seconds` how long each next() kept the caller waiting.
 

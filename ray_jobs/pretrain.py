@@ -36,7 +36,7 @@ from ray.train.torch import TorchTrainer
 
 from mae.checkpoint import CheckpointError, check_recipe, check_world_size, latest_checkpoint, load_checkpoint
 from mae.config import PRETRAIN_RECIPE, ConfigError, ExperimentConfig, config_from_dict, load_config, to_dict
-from mae.engine import PretrainCallback, load_model, pretrain
+from mae.engine import PretrainCallback, load_model, pretrain, summarize_history
 from mae.probe import quick_probe
 from ray_jobs import cluster
 
@@ -163,21 +163,6 @@ def probe_checkpoint(checkpoint: Checkpoint, cfg: ExperimentConfig, use_gpu: boo
         scheduling_strategy="DEFAULT", max_retries=1,
     )
     return ray.get(task.remote(checkpoint, max(1, int(s.cpus_per_worker)), use_gpu))
-
-
-def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Final/best loss, epochs and throughput over the whole run (all attempts)."""
-    if not history:
-        return {}
-    losses = [h["train_loss"] for h in history]
-    best = min(range(len(losses)), key=losses.__getitem__)
-    train_time = sum(h["epoch_time_s"] for h in history)
-    images = sum(h["images_per_sec"] * h["epoch_time_s"] for h in history)
-    return {
-        "final_train_loss": losses[-1], "best_train_loss": losses[best],
-        "best_epoch": int(history[best]["epoch"]), "epochs_completed": len(history),
-        "train_time_s": train_time, "images_per_sec": images / train_time if train_time > 0 else 0.0,
-    }
 
 
 def fit_and_probe(cfg: ExperimentConfig, name: str, storage_path: str, callbacks: list | None = None,

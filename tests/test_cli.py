@@ -130,13 +130,21 @@ def test_reconstruction_keeps_visible_patches(fashion_mnist_dir):
     from mae.reconstruct import reconstruct
 
     torch.manual_seed(0)
-    model = build_mae("mae_vit_micro_patch4", norm_pix_loss=True)
+    model = build_mae("mae_vit_micro_patch4", norm_pix_loss=True).eval()
     imgs = torch.randn(2, 1, 28, 28)
-    panels = reconstruct(model, imgs, mask_ratio=0.75)
+    noise = torch.rand(2, model.num_patches)
+    panels = reconstruct(model, imgs, mask_ratio=0.75, noise=noise)
     visible = panels["mask"] == 0
     assert torch.equal(panels["reconstruction_plus_visible"][visible], imgs[visible])
     assert torch.equal(panels["masked"][~visible], torch.zeros_like(imgs[~visible]))
     assert panels["mask"].mean().item() == pytest.approx(37 / 49)
+    # removed patches show the prediction, taken back from norm-pix targets (per-patch mean and std) to pixels
+    with torch.no_grad():
+        _, pred, _ = model(imgs, mask_ratio=0.75, noise=noise)
+    patches = model.patchify(imgs)
+    pixels = model.unpatchify(pred * (patches.var(-1, keepdim=True) + 1e-6).sqrt() + patches.mean(-1, keepdim=True))
+    torch.testing.assert_close(panels["reconstruction"], pixels)
+    torch.testing.assert_close(panels["reconstruction_plus_visible"][~visible], pixels[~visible])
 
 
 def test_probe_of_missing_checkpoint_fails_cleanly(tmp_path):
@@ -154,12 +162,12 @@ def test_the_summary_covers_the_whole_run_and_a_finished_run_keeps_its_own(tmp_p
                "--out", str(out)]
     run_mae(*command)
     whole = json.loads((out / "summary.json").read_text())
-    assert whole["epochs"] == 2 and whole["images_per_sec"] > 0
+    assert whole["epochs_completed"] == 2 and whole["images_per_sec"] > 0
     shutil.rmtree(out / "checkpoint-0002")  # as if stopped during epoch 2: the rerun resumes after epoch 1
     (out / "summary.json").unlink()
     run_mae(*command)
     resumed = json.loads((out / "summary.json").read_text())
-    assert resumed["epochs"] == 2 and resumed["first_epoch_loss"] == whole["first_epoch_loss"]  # epoch 1's, not 2's
+    assert resumed["epochs_completed"] == 2 and resumed["first_train_loss"] == whole["first_train_loss"]  # epoch 1's, not 2's
     before = (out / "summary.json").read_text()
     assert json.loads(run_mae(*command).stdout) == resumed  # nothing left to train: the summary stays
     assert (out / "summary.json").read_text() == before

@@ -12,6 +12,7 @@ import torch
 from timm.models.vision_transformer import Attention
 
 from mae.config import load_config
+from mae.engine import pretrain
 from mae.finetune import finetune
 from mae.models import build_mae
 from mae.probe import linear_probe, quick_probe
@@ -44,8 +45,12 @@ def attention_dtypes():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_probes_and_finetuning_follow_train_precision(fashion_mnist_dir, precision, dtype):
-    cfg = load_config(SMOKE, [*SMALL, f"train.precision={precision}"])
+def test_pretraining_probes_and_finetuning_follow_train_precision(fashion_mnist_dir, tmp_path, precision, dtype):
+    cfg = load_config(SMOKE, [*SMALL, f"train.precision={precision}", "train.epochs=1", "train.batch_size=32",
+                              "data.train_subset=64", "train.progress=false"])
+    with attention_dtypes() as pretrained:  # the encoder's and the decoder's blocks
+        pretrain(cfg, tmp_path)
+    assert pretrained == {dtype}
     torch.manual_seed(0)
     model = build_mae("mae_vit_micro_patch4")
     with attention_dtypes() as quick:

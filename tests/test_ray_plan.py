@@ -268,7 +268,7 @@ def test_writes_are_atomic_and_throttled(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(results.pq, "write_table", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         rec.write()
     monkeypatch.undo()
     assert pq.read_table(tmp_path / results.TRIALS_FILE).num_rows == 1  # the old file is intact
