@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from mae.config import ExperimentConfig, recipe_changes
+from mae.files import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +104,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a folder's entries to disk (best effort: some file systems refuse folders)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:

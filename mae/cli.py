@@ -19,6 +19,7 @@ from mae.config import (
     ConfigError, ExperimentConfig, apply_overrides, config_from_dict, load_config, resolved_model_args, to_dict,
 )
 from mae.data import DATA_DIR_ENV, CorruptDatasetError, DatasetNotFoundError
+from mae.files import write_text_atomic
 
 log = logging.getLogger("mae")
 
@@ -107,8 +108,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         old = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     except ValueError:  # damaged: written anew below
         old = None
-    if not result.epochs and old is not None and (args.no_probe or "probe_top1" in old):
-        # the run had finished: nothing trained, nothing to redo (a summary without the probe asked for gets it)
+    if (not result.epochs and old is not None and "epochs_completed" in old
+            and (args.no_probe or "probe_top1" in old)):
+        # the run had finished: nothing trained, nothing to redo (a summary without the probe asked for gets
+        # it, and one written before summary.json took the sweep table's names is written anew)
         log.info("%s had trained all its %d epochs already; its summary.json is as it was", run_dir, cfg.train.epochs)
         print(json.dumps(old, indent=2))
         return 0
@@ -120,7 +123,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         summary["first_train_loss"] = history[0]["train_loss"]
     if not args.no_probe and result.checkpoint_dir is not None:
         summary.update(quick_probe(model_with_weights(cfg, load_checkpoint(result.checkpoint_dir)), cfg))
-    summary_file.write_text(json.dumps(summary, indent=2))
+    write_text_atomic(json.dumps(summary, indent=2), summary_file)
     print(json.dumps(summary, indent=2))
     return 0
 

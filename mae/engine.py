@@ -167,7 +167,10 @@ class TrainStep:
                 loss, _, _ = model(imgs, mask_ratio=mask_ratio, noise=noise, loss_only=True)
             return loss
 
-        self.loss_of = torch.compile(loss_of, mode=cfg.train.compile_mode) if cfg.train.compile else loss_of
+        # dynamic=False: one batch shape, so static shapes; another shape gets its own static graph
+        # (left to torch, a second shape makes the graph dynamic: slower, and no longer what was timed)
+        self.loss_of = (torch.compile(loss_of, mode=cfg.train.compile_mode, dynamic=False)
+                        if cfg.train.compile else loss_of)
 
     def __call__(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, update: bool = True) -> torch.Tensor:
         """imgs (N, C, H, W) on the device -> the micro-batch's loss (detached, on device).

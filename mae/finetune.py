@@ -231,7 +231,10 @@ class FinetuneStep:
             with autocast(device, dtype):
                 return criterion(model(imgs), y)
 
-        self.loss_of = torch.compile(loss_of, mode=cfg.train.compile_mode) if cfg.train.compile else loss_of
+        # dynamic=False: one batch shape, so static shapes; another shape gets its own static graph
+        # (left to torch, a second shape makes the graph dynamic: slower, and no longer what was timed)
+        self.loss_of = (torch.compile(loss_of, mode=cfg.train.compile_mode, dynamic=False)
+                        if cfg.train.compile else loss_of)
         self.cudagraphs = uses_cuda_graphs(cfg.train) and device.type == "cuda"
 
     def __call__(self, imgs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
 import time
 import types
 import typing
@@ -31,8 +30,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mae.checkpoint import fsync_path
 from mae.config import ExperimentConfig, flatten
+from mae.files import replaced_atomically
 # Column: one column type for every table (name, Arrow type, meaning)
 from mae.results import Column, UnreadableTableError, unreadable_table_message
 
@@ -150,31 +149,8 @@ def write_table_atomic(table: pa.Table, path: str) -> None:
             pq.write_table(table, out)
         fs.move(tmp, fs_path)  # object stores: copy + delete, readers still never see a partial file
         return
-    with _replaced_atomically(Path(path)) as tmp:
+    with replaced_atomically(Path(path)) as tmp:
         pq.write_table(table, tmp)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write a local text file to a temporary name beside `path`, then rename it into place."""
-    with _replaced_atomically(path) as tmp:
-        tmp.write_text(text)
-
-
-@contextlib.contextmanager
-def _replaced_atomically(target: Path):
-    """A temporary path beside target to write; renamed onto target when the block ends without error.
-
-    The new file is flushed to disk before the rename, and the rename after it, so a power
-    cut leaves the old table or the new one, not an empty file in the old one's place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, target)
-        fsync_path(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

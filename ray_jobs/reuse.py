@@ -58,9 +58,10 @@ from mae.config import (
     load_config, recipe_changes, to_dict,
 )
 from mae.data import CorruptDatasetError, DatasetNotFoundError
+from mae.files import write_text_atomic
 from ray_jobs import cluster
 from ray_jobs.pretrain import FaultInjection, RayReportCallback, checkpoint_epoch
-from ray_jobs.results import UnreadableTableError, locked, read_table, write_table_atomic, write_text_atomic
+from ray_jobs.results import UnreadableTableError, locked, read_table, write_table_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,45 @@
+"""Files written so that a reader, or a crash, never sees half of one: write beside, flush, rename.
+
+Checkpoints (mae.checkpoint), summary.json, the Ray jobs' tables and records, and the
+benchmarks' JSON are all written this way.
+"""
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (best effort: some file systems refuse folders)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write a local text file to a temporary name beside `path`, then rename it into place."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def replaced_atomically(target: Path) -> Iterator[Path]:
+    """A temporary path beside target to write; renamed onto target when the block ends without error.
+
+    The new file is flushed to disk before the rename, and the rename after it, so a power
+    cut leaves the old file or the new one, not an empty file in the old one's place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, target)
+        fsync_path(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
