@@ -30,6 +30,7 @@ import torch
 
 from mae.config import COMPILE_MODES, PRECISIONS, load_config
 from mae.engine import autocast_dtype, device_name, select_device
+from mae.files import write_text_atomic
 from mae.finetune import FinetuneStep, build_classifier, optimizer_for
 from mae.models import model_names
 
@@ -135,8 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
             r["mfu"] = r["img_per_s"] * result["train_flops_per_image"] / ceiling["flops_per_s"]
         report["configs"].append(result)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2))
+            write_text_atomic(json.dumps(report, indent=2), args.json)  # a kill mid-write keeps the last one
     print_table(report)
     return report
 
@@ -150,7 +150,7 @@ def print_table(report: dict) -> None:
         for name, r in c["results"].items():
             mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
             print(f"{c['model']:<24} {c['img_size']:>4} {c['batch_size']:>5} {name:<9} {r['median_ms']:>9.1f} "
-                  f"{r['img_per_s']:>9.1f} {r['mfu']:>6.3f} {mem:>9} {c['train_flops_per_image'] / 1e9:>10.2f}")
+                  f"{r['img_per_s']:>9.1f} {100 * r['mfu']:>5.1f}% {mem:>9} {c['train_flops_per_image'] / 1e9:>10.2f}")
         if c["speedup_compiled_over_eager"] is not None:
             print(f"{'':<24} compiled / eager: {c['speedup_compiled_over_eager']:.2f}x ({c['precision']})")
 

@@ -37,6 +37,7 @@ from mae.config import COMPILE_MODES, PRECISIONS, config_from_dict, resolved_mod
 from mae.engine import (
     TrainStep, autocast_dtype, build_model, build_optimizer, device_name, select_device, synchronize,
 )
+from mae.files import write_text_atomic
 from mae.models import model_names
 
 CATEGORIES = ("matmul", "attention", "pointwise", "optimizer", "copy", "other")
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     step = TrainStep(model, build_optimizer(model, cfg, 1.5e-4), cfg, device)
     S, C = resolved_model_args(cfg)["img_size"], model.in_chans
     imgs = torch.randn(args.batch_size, C, S, S, device=device)
+    noise = torch.rand(args.batch_size, model.num_patches, device=device)  # as throughput.py: its compiled graph
 
     report: dict = {
         "date": datetime.date.today().isoformat(), "device": str(device), "device_name": device_name(device),
@@ -136,12 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save() -> None:  # once warmed up, and at the end: a run cut short keeps its warm-up (compile) time
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2))
+            write_text_atomic(json.dumps(report, indent=2), args.json)  # a kill mid-write keeps the last one
 
     start = time.perf_counter()
     for _ in range(args.warmup):
-        step(imgs)
+        step(imgs, noise)
     synchronize(device)
     report["warmup_s"] = time.perf_counter() - start
     save()
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
-            step(imgs)
+            step(imgs, noise)
         synchronize(device)
         wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
     per_category, rows = breakdown(prof, device, args.steps)

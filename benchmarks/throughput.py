@@ -4,7 +4,8 @@ A step is forward, backward and an AdamW update on one batch that already sits o
 device (the input pipeline is benchmarks/input_pipeline.py's business). "ours" is the
 engine's own `mae.engine.TrainStep` (loss-only decoder tail, fused AdamW, bf16 autocast
 on CUDA), eager and under torch.compile; "hf" is `ViTMAEForPreTraining` with SDPA
-attention and torch's default AdamW, loaded with our weights and fed our batch and mask
+attention and the same fused AdamW (what transformers' Trainer uses by default with
+torch >= 2.8: `adamw_torch_fused`), loaded with our weights and fed our batch and mask
 noise, so both compute the same loss (checked, and printed).
 
     # the issue's H100 configs: ViT-B/16 at batch 256, ViT-L/16 at batch 128, 224 px
@@ -19,12 +20,13 @@ FLOPs of one training step per image (torch.utils.flop_counter, our eager model)
 the MFU (achieved FLOP/s over the measured ceiling), and peak device memory per variant
 (CUDA only: its weights plus what its warm-up allocated; see time_in_turns). With
 --check-steps K it also trains ours compiled (at the engine's precision) and ours eager
-in float32 from the same weights on the same batches and masks for K steps and reports
-how far apart the two loss curves are.
+in float32 from the same weights on the same batches and masks for K steps, and reports
+how far apart the two loss curves are against a yardstick: how far the engine's own curve
+moves when only the masks are drawn anew (see loss_curve_check).
 
 After warm-up the variants of a config take turns, one step each, and the order rotates,
 so drift in a shared machine's load falls on all alike. The last thing printed is the
-table; --json writes everything, after each config (a timeout keeps what was done).
+table; --json writes everything so far after every timed round (a timeout keeps what was done).
 """
 
 import argparse
@@ -46,9 +48,10 @@ from mae.config import COMPILE_MODES, PRECISIONS, config_from_dict, resolved_mod
 from mae.engine import (
     TrainStep, autocast, autocast_dtype, build_optimizer, device_name, select_device, synchronize,
 )
+from mae.files import write_text_atomic
 from mae.interop import hf_config_kwargs, hf_layout_of, to_hf_state_dict
 from mae.models import build_mae, model_names
-from mae.optim import param_groups
+from mae.optim import fused_kwargs, param_groups
 
 LR = 1.5e-4  # the paper's base lr; the value does not change the cost of a step
 VARIANTS = ("ours-eager", "ours-compiled", "hf-eager", "hf-compiled")
@@ -76,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compiles)")
     p.add_argument("--check-steps", type=int, default=0, help="loss-curve check length (0: skip)")
+    p.add_argument("--check-batch", type=int, default=None, help="the loss-curve check's batch (default: the config's)")
     p.add_argument("--device", default="auto", help="auto (as train.device: cuda, else mps, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -89,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def time_in_turns(steps: dict[str, Callable[[], object]], warmup: int, n: int, device: torch.device,
                   label: str, models: dict[str, torch.nn.Module] | None = None,
+                  on_round: Callable[[dict[str, list[float]], dict[str, float], dict[str, float | None]], None]
+                  | None = None,
                   ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float | None]]:
     """Warm each step up (compiling it), then time n rounds in which the steps take turns,
     the order rotating, so a shared machine's drift falls on all alike.
@@ -97,7 +103,9 @@ def time_in_turns(steps: dict[str, Callable[[], object]], warmup: int, n: int, d
     (CUDA; None elsewhere): its model's weights (`models`, by step name) plus the most
     its warm-up allocated above what the device held before it. Every variant's model
     sits on the device at once, and the optimizer states of those warmed up before; the
-    device's own peak would charge them to the later variants. finetune_step.py uses it too.
+    device's own peak would charge them to the later variants. on_round(times, warmup_s,
+    peak_mem) runs after each round (a run cut short keeps the rounds it timed).
+    finetune_step.py uses it too.
     """
     peak_mem, warmup_s = {}, {}
     for name, step in steps.items():
@@ -123,6 +131,8 @@ def time_in_turns(steps: dict[str, Callable[[], object]], warmup: int, n: int, d
             synchronize(device)
             times[name].append(time.perf_counter() - start)
         order = order[1:] + order[:1]
+        if on_round is not None:
+            on_round(times, warmup_s, peak_mem)
     return times, warmup_s, peak_mem
 
 
@@ -176,8 +186,8 @@ def ours_step(model: torch.nn.Module, cfg, device: torch.device) -> Callable:
 
 def hf_step(hf: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, compile: bool,
             mode: str) -> Callable:
-    """HF's model with torch's default AdamW (what a HF user gets), same precision as ours."""
-    optimizer = torch.optim.AdamW(param_groups(hf, 0.05), lr=LR, betas=(0.9, 0.95))
+    """HF's model with the same fused AdamW and precision as ours."""
+    optimizer = torch.optim.AdamW(param_groups(hf, 0.05), lr=LR, betas=(0.9, 0.95), **fused_kwargs(hf))
 
     def loss_of(imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         with autocast(device, dtype):
@@ -216,54 +226,98 @@ def flops_per_image(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Ten
 
 
 def loss_curve_check(model_name: str, img_size: int, in_chans: int, args, device: torch.device,
-                     on_curve: Callable[[dict[str, list[float]]], None] | None = None) -> dict:
+                     on_curve: Callable[[dict], None] | None = None) -> dict:
     """Ours as the engine runs it (compiled, engine precision) vs ours eager float32.
 
     Same initial weights, same batches, same masks, `--check-steps` steps at a fixed lr.
     The images are smooth random patterns (a 4x4 grid upsampled), so there is something
-    to learn and the loss falls. The float32 curve, the slower one, runs first; `on_curve`
-    gets the curves so far after each, so a run cut short by a time limit keeps what it has."""
+    to learn and the loss falls.
+
+    The yardstick ("within noise") is a control: the engine once more from the same weights
+    on the same batches, with only the masks drawn anew. A precision or compilation error
+    shows as a curve further from the float32 one than the control is from the engine's,
+    or as a steady offset: `within_noise` holds when neither shows (see compare_curves).
+
+    The three runs take turns, one step each, and every 10 steps `on_curve` gets the report
+    with the comparison so far, so a run cut short by a time limit keeps a verdict."""
+    batch = args.check_batch or args.batch_size
     torch.manual_seed(args.seed)
     base = build_mae(model_name, img_size=img_size, in_chans=in_chans,
                      norm_pix_loss=not args.no_norm_pix_loss).to(device)
-    runs = {
-        "fp32-eager": experiment_config(model_name, img_size, in_chans, args, compile=False, precision="fp32"),
-        "engine": experiment_config(model_name, img_size, in_chans, args, compile=True),
-    }
-    losses: dict[str, list[float]] = {}
-    for name, cfg in runs.items():
+    fp32 = experiment_config(model_name, img_size, in_chans, args, compile=False, precision="fp32")
+    engine = experiment_config(model_name, img_size, in_chans, args, compile=True)
+    runs = {"fp32-eager": (fp32, args.seed + 2), "engine": (engine, args.seed + 2), "control": (engine, args.seed + 3)}
+    steps, masks = {}, {}
+    for name, (cfg, mask_seed) in runs.items():
         model = build_mae(model_name, img_size=img_size, in_chans=in_chans,
                           norm_pix_loss=not args.no_norm_pix_loss).to(device)
         model.load_state_dict(base.state_dict())
-        step = TrainStep(model, build_optimizer(model, cfg, 10 * LR), cfg, device)
-        g = torch.Generator(device=device).manual_seed(args.seed + 1)
-        out = []
-        for _ in range(args.check_steps):
-            grid = torch.rand(args.batch_size, in_chans, 4, 4, generator=g, device=device)
-            imgs = torch.nn.functional.interpolate(grid, size=img_size, mode="bilinear") * 2 - 1
-            noise = torch.rand(args.batch_size, model.num_patches, generator=g, device=device)
-            out.append(step(imgs, noise))
-        losses[name] = torch.stack(out).float().cpu().tolist()
+        steps[name] = TrainStep(model, build_optimizer(model, cfg, 10 * LR), cfg, device)
+        masks[name] = torch.Generator(device=device).manual_seed(mask_seed)
+    g = torch.Generator(device=device).manual_seed(args.seed + 1)  # the images: the same for every run
+    report = {"steps": args.check_steps, "steps_done": 0, "batch_size": batch, "complete": False,
+              "engine_precision": str(autocast_dtype(engine, device) or "float32").removeprefix("torch.")}
+    losses: dict[str, list[torch.Tensor]] = {name: [] for name in runs}
+
+    def keep() -> None:
+        curves = {k: torch.stack(v).float().cpu() for k, v in losses.items()}
+        report["losses"] = {k: v.tolist() for k, v in curves.items()}
+        report["steps_done"] = len(losses["engine"])
+        report.update(compare_curves(curves["engine"], curves["fp32-eager"], curves["control"]))
         if on_curve is not None:
-            on_curve(losses)
-    a, b = torch.tensor(losses["engine"]), torch.tensor(losses["fp32-eager"])
-    rel = (a - b).abs() / b.abs()
-    tail = max(1, len(a) // 5)
-    return {
-        "steps": args.check_steps,
-        "complete": True,
-        "engine_precision": str(autocast_dtype(runs["engine"], device) or "float32").removeprefix("torch."),
-        "max_rel_diff": float(rel.max()),
-        "mean_rel_diff": float(rel.mean()),
-        "last_fifth_mean_engine": float(a[-tail:].mean()),
-        "last_fifth_mean_fp32_eager": float(b[-tail:].mean()),
-        "first_loss": float(b[0]),
-        "losses": losses,
+            on_curve(report)
+
+    for i in range(args.check_steps):
+        grid = torch.rand(batch, in_chans, 4, 4, generator=g, device=device)
+        imgs = torch.nn.functional.interpolate(grid, size=img_size, mode="bilinear") * 2 - 1
+        for name, step in steps.items():
+            noise = torch.rand(batch, base.num_patches, generator=masks[name], device=device)
+            losses[name].append(step(imgs, noise))
+        if (i + 1) % 10 == 0 and i + 1 < args.check_steps:
+            keep()
+    report["complete"] = True
+    keep()
+    return report
+
+
+def compare_curves(engine: torch.Tensor, fp32: torch.Tensor, control: torch.Tensor,
+                   resolution: float = 2.0**-8) -> dict:
+    """How far the engine's loss curve is from float32's, against how far the control's
+    (other masks) is from the engine's: the noise it must stay within. Two tests:
+
+    - drift: the mean per-step relative difference to float32 is at most the control's;
+    - bias: the mean signed relative difference is at most `bias_limit`, the larger of
+      3 standard errors of the control's per-step differences (3 x std / sqrt(steps))
+      and `resolution`, bf16's relative rounding step (8 significant bits): a steady
+      offset below that is bf16's own noise. A steady offset smaller than the per-step
+      noise but above both passes the first test, not this one.
+    """
+    def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b) / b.abs()
+
+    drift, noise = rel(engine, fp32), rel(control, engine)
+    n = len(engine)
+    tail = max(1, n // 5)
+    out = {
+        "mean_rel_diff": float(drift.abs().mean()),
+        "max_rel_diff": float(drift.abs().max()),
+        "mean_signed_rel_diff": float(drift.mean()),  # a bias shows here
+        "control_mean_rel_diff": float(noise.abs().mean()),
+        "bias_limit": max(float(3 * noise.std() / n**0.5), resolution) if n > 1 else float("inf"),
+        "last_fifth_mean_engine": float(engine[-tail:].mean()), "last_fifth_mean_fp32_eager": float(fp32[-tail:].mean()),
+        "last_fifth_mean_control": float(control[-tail:].mean()), "first_loss": float(fp32[0]),
     }
+    out["drift_over_noise"] = out["mean_rel_diff"] / out["control_mean_rel_diff"] if out["control_mean_rel_diff"] else None
+    out["within_noise"] = (out["mean_rel_diff"] <= out["control_mean_rel_diff"]
+                           and abs(out["mean_signed_rel_diff"]) <= out["bias_limit"])
+    return out
 
 
 def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args, device: torch.device,
-                 ceiling: float) -> dict:
+                 ceiling: float, entry: dict | None = None, save: Callable[[], None] | None = None) -> dict:
+    """Time the variants of one config; fills `entry` (returned) as it goes and calls save() after
+    the loss agreement and after every timed round, so a run cut short keeps what it measured."""
+    entry = {} if entry is None else entry
     wanted = args.variants.split(",")
     torch.manual_seed(args.seed)
     norm_pix = not args.no_norm_pix_loss
@@ -303,30 +357,38 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
 
     flops = flops_per_image(build_mae(model_name, img_size=img_size, in_chans=in_chans,
                                       norm_pix_loss=norm_pix).to(device), imgs[:2], noise[:2], args.mask_ratio)
-
-    times, warmup_s, peak_mem = time_in_turns({name: (lambda s=step: s(imgs, noise)) for name, step in steps.items()},
-                                              args.warmup, args.steps, device, model_name, models)
-    results = {}
-    for name, ts in times.items():
-        median = statistics.median(ts)
-        img_s = batch / median
-        results[name] = {
-            "median_ms": 1e3 * median, "min_ms": 1e3 * min(ts), "img_per_s": img_s,
-            "mfu": img_s * flops / ceiling, "peak_mem_gib": peak_mem[name], "warmup_s": warmup_s[name],
-            "times_ms": [1e3 * t for t in ts],
-        }
-    ratios = {}
-    for ours in ("ours-eager", "ours-compiled"):
-        for hf in ("hf-eager", "hf-compiled"):
-            if ours in results and hf in results:
-                ratios[f"{ours}/{hf}"] = results[ours]["img_per_s"] / results[hf]["img_per_s"]
-    return {
+    entry.update({
         "model": model_name, "img_size": img_size, "in_chans": in_chans, "batch_size": batch,
         "mask_ratio": args.mask_ratio, "norm_pix_loss": norm_pix,
         "precision": str(dtype or torch.float32).removeprefix("torch."),
         "train_flops_per_image": flops, "first_loss": first_loss, "losses_match": losses_match,
-        "results": results, "speedup": ratios,
-    }
+        "timed_rounds": 0, "results": {}, "speedup": {},
+    })
+    if save is not None:
+        save()
+
+    def record(times: dict[str, list[float]], warmup_s: dict[str, float], peak_mem: dict[str, float | None]) -> None:
+        results = {}
+        for name, ts in times.items():
+            median = statistics.median(ts)
+            img_s = batch / median
+            results[name] = {
+                "median_ms": 1e3 * median, "min_ms": 1e3 * min(ts), "img_per_s": img_s,
+                "mfu": img_s * flops / ceiling, "peak_mem_gib": peak_mem[name], "warmup_s": warmup_s[name],
+                "times_ms": [1e3 * t for t in ts],
+            }
+        ratios = {}
+        for ours in ("ours-eager", "ours-compiled"):
+            for hf in ("hf-eager", "hf-compiled"):
+                if ours in results and hf in results:
+                    ratios[f"{ours}/{hf}"] = results[ours]["img_per_s"] / results[hf]["img_per_s"]
+        entry.update(timed_rounds=len(next(iter(times.values()))), results=results, speedup=ratios)
+        if save is not None:
+            save()
+
+    time_in_turns({name: (lambda s=step: s(imgs, noise)) for name, step in steps.items()},
+                  args.warmup, args.steps, device, model_name, models, on_round=record)
+    return entry
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -355,20 +417,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save() -> None:
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2))
+            write_text_atomic(json.dumps(report, indent=2), args.json)  # a kill mid-write keeps the last one
 
     print(f"{report['device_name']} ({device}), {report['threads']} threads, torch {torch.__version__}; "
           f"{ceiling['dtype']} matmul ceiling {ceiling['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     for model_name, img_size, in_chans, batch in configs:
-        entry = bench_config(model_name, img_size, in_chans, batch, args, device, ceiling["flops_per_s"])
+        entry: dict = {}
         report["configs"].append(entry)
-        save()  # the timings are kept even if the loss-curve check below runs out of time
+        bench_config(model_name, img_size, in_chans, batch, args, device, ceiling["flops_per_s"], entry, save)
         if args.check_steps:
             print_table(report)
 
-            def keep(losses: dict[str, list[float]]) -> None:
-                entry["loss_curve"] = {"steps": args.check_steps, "losses": losses, "complete": False}
+            def keep(curve: dict) -> None:
+                entry["loss_curve"] = curve
                 save()
 
             entry["loss_curve"] = loss_curve_check(model_name, img_size, in_chans, _with_batch(args, batch), device,
@@ -394,11 +455,15 @@ def print_table(report: dict) -> None:
         print(f"  {c['precision']}, {c['train_flops_per_image'] / 1e9:.2f} GFLOP/image/step, "
               f"first losses agree: {c['losses_match']}; "
               + ", ".join(f"{k} {v:.2f}x" for k, v in c["speedup"].items()))
-        if "loss_curve" in c:
-            lc = c["loss_curve"]
-            print(f"  loss curve over {lc['steps']} steps, engine ({lc['engine_precision']}, compiled) vs fp32 "
-                  f"eager: max rel diff {lc['max_rel_diff']:.2e}, last fifth {lc['last_fifth_mean_engine']:.4f} "
-                  f"vs {lc['last_fifth_mean_fp32_eager']:.4f} (first {lc['first_loss']:.4f})")
+        lc = c.get("loss_curve", {})
+        if lc.get("complete"):
+            print(f"  loss curve over {lc['steps']} steps at batch {lc['batch_size']}, engine ({lc['engine_precision']}, "
+                  f"compiled) vs fp32 eager: mean rel diff {lc['mean_rel_diff']:.2e} (bias "
+                  f"{lc['mean_signed_rel_diff']:+.2e}, limit {lc['bias_limit']:.1e}), other masks "
+                  f"{lc['control_mean_rel_diff']:.2e}: "
+                  f"{'within' if lc['within_noise'] else 'NOT within'} noise; last fifth "
+                  f"{lc['last_fifth_mean_engine']:.4f} vs {lc['last_fifth_mean_fp32_eager']:.4f} "
+                  f"(first {lc['first_loss']:.4f})")
 
 
 if __name__ == "__main__":

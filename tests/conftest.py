@@ -1,8 +1,10 @@
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from timm.models.vision_transformer import Attention
 
 from mae.data import DATA_DIR_ENV, FASHION_MNIST_DEFAULT
 
@@ -19,3 +21,19 @@ def fashion_mnist_dir() -> Path:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def attention_dtypes():
+    """The set of dtypes every timm Attention module returned while the block ran."""
+    seen: set[torch.dtype] = set()
+
+    def hook(module, args, output):
+        if isinstance(module, Attention):
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -1,9 +1,10 @@
 """GPU checks: skipped on machines without CUDA (CI has none); run them on a GPU box.
 
 They need no dataset (GPU machines here have no Fashion-MNIST): images are smooth random
-patterns, which the model can learn. `benchmarks/gpu_check.sh` runs this file first.
+patterns, which the model can learn. `benchmarks/gpu_check.sh` runs this file in its last step.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from mae.config import load_config
 from mae.engine import TrainStep, build_model, build_optimizer, pretrain
 from mae.models import build_mae
-from tests.conftest import REPO
+from tests.conftest import REPO, attention_dtypes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -25,30 +26,45 @@ def _patterns(g: torch.Generator, n: int, size: int = 28) -> torch.Tensor:
     return torch.nn.functional.interpolate(grid, size=size, mode="bilinear") * 2 - 1
 
 
-def _curve(*overrides: str, steps: int = 60) -> torch.Tensor:
+def _curve(*overrides: str, steps: int = 60, mask_seed: int = 2) -> torch.Tensor:
+    """The loss curve from seed-0 weights on the same 64-image batches; masks drawn from mask_seed."""
     cfg = load_config(SMOKE, ["train.device=cuda", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
     step = TrainStep(model, build_optimizer(model, cfg, 1e-3), cfg, torch.device("cuda"))
     g = torch.Generator(device="cuda").manual_seed(1)
+    masks = torch.Generator(device="cuda").manual_seed(mask_seed)
     losses = []
     for _ in range(steps):
         imgs = _patterns(g, 64)
-        noise = torch.rand(64, model.num_patches, generator=g, device="cuda")
+        noise = torch.rand(64, model.num_patches, generator=masks, device="cuda")
         losses.append(step(imgs, noise))
     return torch.stack(losses).float().cpu()
+
+
+def _throughput_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput_benchmark", REPO / "benchmarks" / "throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_bf16_step_tracks_float32_eager(mode):
     """The engine's CUDA path (bf16 autocast, compiled, CUDA graphs with reduce-overhead)
-    follows the float32 eager loss curve from the same weights, batches and masks."""
+    follows the float32 eager loss curve from the same weights, batches and masks, within
+    noise: no further than float32 itself goes when only the masks are drawn anew (about
+    0.4% a step on CPU), and no steady bias beyond what that spread allows over 60 steps
+    (benchmarks/throughput.py's compare_curves)."""
     reference = _curve("train.precision=fp32", "train.compile=false")
+    control = _curve("train.precision=fp32", "train.compile=false", mask_seed=3)
     fast = _curve("train.compile=true", f"train.compile_mode={mode}")
     assert reference[-10:].mean() < 0.8 * reference[:5].mean()  # it learns
     assert torch.isfinite(fast).all()
-    rel = ((fast - reference).abs() / reference).mean()
-    assert rel < 3e-2, f"bf16 compiled curve drifts from float32 eager by {rel:.3%} on average"
+    verdict = _throughput_benchmark().compare_curves(fast, reference, control)  # the benchmark's own yardstick
+    assert verdict["within_noise"], {k: v for k, v in verdict.items() if "rel_diff" in k or "bias" in k}
 
 
 @pytest.mark.parametrize("compile_model", [False, True])
@@ -57,7 +73,11 @@ def test_pretrain_on_gpu_bf16(tmp_path, compile_model):
         "data.dataset=synthetic", "data.synthetic_size=512", "train.batch_size=64", "train.epochs=2",
         "train.device=cuda", f"train.compile={str(compile_model).lower()}",
     ])
-    result = pretrain(cfg, tmp_path)
+    # (eager only: a hook inside a compiled graph sees tracing, not the run)
+    with contextlib.nullcontext(set()) if compile_model else attention_dtypes() as dtypes:
+        result = pretrain(cfg, tmp_path)
+    if not compile_model:
+        assert dtypes == {torch.bfloat16}  # train.precision auto: bf16 autocast on CUDA
     assert all(math.isfinite(e["train_loss"]) for e in result.epochs)
     assert result.checkpoint_dir is not None and result.images_per_sec > 0
 
@@ -78,11 +98,7 @@ def test_benchmark_peak_memory_is_each_variants_own():
     # Both "models" sit on the GPU at once; each step allocates 64 MiB for a moment and
     # keeps 32 MiB (an optimizer state). Each variant's peak is its 256 MiB of weights plus
     # its own 64 MiB, whichever runs first: not the device's peak, which holds both models.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("throughput_benchmark", REPO / "benchmarks" / "throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _throughput_benchmark()
     mib = 2**20 // 4  # float32 elements in a MiB
     models = {name: torch.nn.Linear(256 * mib, 1, bias=False).cuda() for name in ("a", "b")}
     kept = []

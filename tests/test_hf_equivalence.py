@@ -282,12 +282,41 @@ def test_throughput_benchmark_smoke(tmp_path):
     bench = throughput_benchmark()
     out = tmp_path / "bench.json"
     bench.main(["--model", "mae_vit_micro_patch4", "--batch-size", "2", "--steps", "2", "--warmup", "1",
-                "--variants", "ours-eager,hf-eager", "--device", "cpu", "--threads", "1", "--json", str(out)])
+                "--variants", "ours-eager,hf-eager", "--device", "cpu", "--threads", "1", "--json", str(out),
+                "--check-steps", "20", "--check-batch", "16"])
     result = json.loads(out.read_text())
     (config,) = result["configs"]
-    assert set(config["results"]) == {"ours-eager", "hf-eager"}
+    assert set(config["results"]) == {"ours-eager", "hf-eager"} and config["timed_rounds"] == 2
+    curve = config["loss_curve"]
+    assert curve["complete"] and {k: len(v) for k, v in curve["losses"].items()} == {
+        "fp32-eager": 20, "engine": 20, "control": 20}
+    # on CPU the engine computes in float32 too: compiled, it matches eager far closer than other masks do
+    assert curve["within_noise"] and curve["mean_rel_diff"] < 1e-4 < curve["control_mean_rel_diff"]
     assert config["results"]["ours-eager"]["img_per_s"] > 0 and config["speedup"]["ours-eager/hf-eager"] > 0
     assert config["losses_match"] is True
     # forward + backward is about 3x the forward's 2 * multiply-adds; the micro model's
     # forward alone is ~10.7 M multiply-adds per 28 px image, attention's share about 7%
     assert 3 * 2 * 9e6 < config["train_flops_per_image"] < 3 * 2 * 13e6
+
+
+def test_the_loss_curve_yardstick_passes_rounding_and_fails_a_bias():
+    """within_noise: the engine's curve no further from float32's than a run on other masks is
+    from the engine's, and no steady offset beyond the control's standard error and bf16's rounding step."""
+    bench = throughput_benchmark()
+    g = torch.Generator().manual_seed(0)
+    fp32 = torch.linspace(2.0, 1.0, 200)
+
+    def verdict(engine: torch.Tensor) -> dict:
+        control = engine * (1 + 0.004 * torch.randn(200, generator=g))  # other masks: about 0.4% a step
+        return bench.compare_curves(engine, fp32, control)
+
+    rounding = verdict(fp32 * (1 + 2e-4 * torch.randn(200, generator=g)))
+    assert rounding["within_noise"] and rounding["drift_over_noise"] < 0.1
+    big = verdict(fp32 * 1.02)  # further than the masks move it
+    assert not big["within_noise"] and big["mean_signed_rel_diff"] == pytest.approx(0.02, rel=1e-4)
+    # a steady 0.6% offset: under a noisier control's per-step spread (1%), over bf16's rounding step (0.4%)
+    control = fp32 * 1.006 * (1 + 0.01 * torch.randn(200, generator=g))
+    steady = bench.compare_curves(fp32 * 1.006, fp32, control)
+    assert steady["mean_rel_diff"] < steady["control_mean_rel_diff"]  # the drift test alone would pass it
+    assert not steady["within_noise"] and steady["bias_limit"] == pytest.approx(2**-8)
+    assert bench.compare_curves(fp32 * 1.003, fp32, control)["within_noise"]  # under bf16's step: its own noise

@@ -5,11 +5,8 @@ at the dtype the encoder's attention blocks produced: under bf16 autocast their 
 projection returns bfloat16, in float32 it returns float32.
 """
 
-import contextlib
-
 import pytest
 import torch
-from timm.models.vision_transformer import Attention
 
 from mae.config import load_config
 from mae.engine import pretrain
@@ -17,7 +14,7 @@ from mae.finetune import finetune
 from mae.models import build_mae
 from mae.probe import linear_probe, quick_probe
 
-from conftest import REPO
+from conftest import REPO, attention_dtypes
 
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
 SMALL = [
@@ -25,22 +22,6 @@ SMALL = [
     "probe.train_subset=64", "probe.test_subset=64", "probe.batch_size=32",
     "finetune.epochs=1", "finetune.batch_size=32", "finetune.train_subset=64", "finetune.test_subset=64",
 ]
-
-
-@contextlib.contextmanager
-def attention_dtypes():
-    """The set of dtypes every timm Attention module returned while the block ran."""
-    seen: set[torch.dtype] = set()
-
-    def hook(module, args, output):
-        if isinstance(module, Attention):
-            seen.add(output.dtype)
-
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 @pytest.mark.slow
