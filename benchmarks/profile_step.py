@@ -43,14 +43,17 @@ from mae.models import model_names
 CATEGORIES = ("matmul", "attention", "pointwise", "optimizer", "copy", "other")
 # substrings of lower-cased kernel / operator names, checked in this order (first match wins).
 # Order matters: flash kernels are CUTLASS templates (attention before matmul), and
-# Inductor names its kernels after what they fuse ("triton_red_fused__to_copy_..."), so
-# its kernels are claimed before the copy patterns see them.
+# Inductor names its generated pointwise and reduction kernels after what they fuse
+# ("triton_red_fused__to_copy_...", "triton_poi_fused__scaled_dot_product_flash_attention_
+# transpose_..." for the layout work around an attention call), so they are claimed first,
+# before the attention and copy patterns see them; its matmul templates are triton_tem_.
 PATTERNS = (
     ("optimizer", ("adam", "_foreach_")),
+    ("pointwise", ("triton_poi_", "triton_red_", "triton_per_", "cpp_fused")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "triton_tem", "aten::mm", "aten::addmm",
                 "aten::bmm", "aten::matmul", "conv")),
-    ("pointwise", ("triton_", "cpp_fused")),
+    ("pointwise", ("triton_",)),
     ("copy", ("memcpy", "memset", "copy", "aten::cat", "aten::fill_", "contiguous", "aten::clone")),
     ("pointwise", ("elementwise", "layer_norm", "gelu", "softmax", "reduce", "aten::add", "aten::mul",
                    "aten::sum", "aten::sub", "aten::div", "aten::where", "aten::gather", "aten::scatter", "index")),

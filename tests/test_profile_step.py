@@ -23,6 +23,8 @@ spec.loader.exec_module(profile_step)
     ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0", "attention"),
     ("triton_red_fused__to_copy_native_layer_norm_0", "pointwise"),
+    ("triton_poi_fused__scaled_dot_product_flash_attention_transpose_4", "pointwise"),  # layout work, not attention
+    ("cpp_fused__scaled_dot_product_flash_attention_for_cpu_clone_2", "pointwise"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "pointwise"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
      "optimizer"),
