@@ -285,7 +285,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if not all(path):
         raise ConfigError(f"override {text!r} has an empty key")
-    return path, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return path, None
+    try:
+        return path, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); close brackets and "
+                          "quotes, or quote a string that starts with @, `, [ or {") from e
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -375,8 +382,10 @@ def validate(cfg: ExperimentConfig) -> None:
         args = resolved_model_args(cfg)
     except ValueError as e:
         key = "model.name" if "unknown model" in str(e) else "model"
-        if "img_size" in str(e):
-            key = "model.img_size"
+        named = [k for k in ("img_size", "patch_size", "in_chans", "decoder_embed_dim", "decoder_depth",
+                             "decoder_num_heads") if str(e).startswith(k)]
+        if named:
+            key = f"model.{named[0]}"
         raise ConfigError(f"{key}: {e}") from e
     num_patches = (args["img_size"] // args["patch_size"]) ** 2
     require(num_visible(num_patches, cfg.mask.ratio) >= 1, "mask.ratio",

@@ -9,6 +9,7 @@ import gzip
 import logging
 import os
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -41,20 +42,39 @@ class CorruptDatasetError(ValueError):
 # -- Fashion-MNIST -------------------------------------------------------------------
 
 
-def _open_idx(folder: Path, stem: str) -> bytes:
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",  # Fashion-MNIST's four files, without .gz
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _fashion_mnist_folder(root: Path) -> Path:
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST folder {root} does not exist. Install it with `sudo apt-get install "
+            f"dataset-fashion-mnist` (into {FASHION_MNIST_DEFAULT}) or point --data-dir / "
+            f"${DATA_DIR_ENV} at a folder holding the IDX files."
+        )
+    return root
+
+
+def _idx_path(folder: Path, stem: str) -> Path:
+    """The IDX file `stem`, plain or gzipped, in folder."""
     for name in (stem, stem + ".gz"):
-        path = folder / name
-        if path.is_file():
-            try:
-                return gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
-            except (OSError, EOFError) as e:
-                raise CorruptDatasetError(f"{path} is unreadable ({e}); reinstall or re-download it") from e
+        if (folder / name).is_file():
+            return folder / name
     raise DatasetNotFoundError(
         f"Fashion-MNIST file {stem}[.gz] not found in {folder}. Install the dataset with "
         f"`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts it in "
         f"{FASHION_MNIST_DEFAULT}), or point --data-dir / ${DATA_DIR_ENV} (config key "
         f"data.data_dir) at a folder holding the four IDX files."
     )
+
+
+def _open_idx(folder: Path, stem: str) -> bytes:
+    path = _idx_path(folder, stem)
+    try:
+        return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream inside the .gz
+        raise CorruptDatasetError(f"{path} is unreadable ({e}); reinstall or re-download it") from e
 
 
 def read_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
@@ -89,13 +109,7 @@ class FashionMNIST(Dataset):
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
     def __init__(self, root: str | Path, train: bool = True, transform=None, subset: int | None = None):
-        root = Path(root)
-        if not root.is_dir():
-            raise DatasetNotFoundError(
-                f"Fashion-MNIST folder {root} does not exist. Install it with `sudo apt-get install "
-                f"dataset-fashion-mnist` (into {FASHION_MNIST_DEFAULT}) or point --data-dir / "
-                f"${DATA_DIR_ENV} at a folder holding the IDX files."
-            )
+        root = _fashion_mnist_folder(Path(root))
         prefix = "train" if train else "t10k"
         images = read_idx(_open_idx(root, f"{prefix}-images-idx3-ubyte"), f"{prefix} images in {root}")
         labels = read_idx(_open_idx(root, f"{prefix}-labels-idx1-ubyte"), f"{prefix} labels in {root}")
@@ -118,7 +132,9 @@ class FashionMNIST(Dataset):
 
 # -- ImageFolder ---------------------------------------------------------------------
 
-PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)  # what an unreadable image raises
+# what an unreadable image raises; DecompressionBombError (an image of more than 2 x PIL's MAX_IMAGE_PIXELS,
+# about 358 M pixels, as a crafted header can claim) derives from Exception, not OSError
+PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def read_pil(source: str | Path | BinaryIO, mode: str) -> Image.Image:
@@ -149,14 +165,7 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str | Path, transform=None, in_chans: int = 3):
         root = Path(root)
-        if not root.is_dir():
-            raise DatasetNotFoundError(
-                f"image folder {root} does not exist; set data.data_dir (or --data-dir / "
-                f"${DATA_DIR_ENV}) to an ImageNet-style tree root/<class>/<image>"
-            )
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        if not self.classes:
-            raise DatasetNotFoundError(f"image folder {root} has no class sub-folders (root/<class>/<image>)")
+        self.classes = class_folders(root)
         self.samples = [
             (path, label)
             for label, cls in enumerate(self.classes)
@@ -182,6 +191,19 @@ class ImageFolder(Dataset):
             return None
         img = self.transform(img) if self.transform else img.float() / 255
         return img, label
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class sub-folders of an ImageFolder root, sorted; raises DatasetNotFoundError without any."""
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"image folder {root} does not exist; set data.data_dir (or --data-dir / "
+            f"${DATA_DIR_ENV}) to an ImageNet-style tree root/<class>/<image>"
+        )
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DatasetNotFoundError(f"image folder {root} has no class sub-folders (root/<class>/<image>)")
+    return classes
 
 
 def collate_skip_none(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,6 +401,20 @@ def held_out_split(dataset: Dataset, n_fit: int, n_held_out: int | None) -> tupl
     held = set(spread_indices(m, n_held_out))  # spread over the picks
     return (torch.utils.data.Subset(dataset, [picks[i] for i in range(m) if i not in held]),
             torch.utils.data.Subset(dataset, [picks[i] for i in sorted(held)]))
+
+
+def check_dataset(cfg: ExperimentConfig) -> None:
+    """A cheap look, before any work starts (the Ray jobs call it before starting Ray), that the
+    configured dataset is where the config says: Fashion-MNIST's four IDX files, or both splits'
+    class folders. Raises DatasetNotFoundError (or ConfigError) with what to change; the files'
+    contents are read, and checked, when the datasets are built."""
+    if cfg.data.dataset == "fashion_mnist":
+        root = _fashion_mnist_folder(fashion_mnist_root(cfg))
+        for stem in IDX_STEMS:
+            _idx_path(root, stem)
+    elif cfg.data.dataset == "imagefolder":
+        for split in ("train", "test"):
+            class_folders(imagefolder_root(cfg, split))
 
 
 def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = True,

@@ -33,7 +33,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 import mae
 from mae.checkpoint import latest_checkpoint
-from mae.config import ConfigError, ExperimentConfig, config_from_dict, flatten, load_config, replace, to_dict
+from mae.config import (
+    EXECUTION_KEYS, ConfigError, ExperimentConfig, config_from_dict, flatten, load_config, parse_override, replace,
+    to_dict,
+)
+from mae.data import CorruptDatasetError, DatasetNotFoundError, check_dataset
+from mae.files import write_text_atomic
 from ray_jobs import cluster, results
 from ray_jobs.pretrain import FaultInjection, fit_and_probe, resolve_storage
 from ray_jobs.space import Choice, Dimension, Range, seeded_repeats, validate_experiment
@@ -328,8 +333,7 @@ def _write_text(path: str, text: str) -> None:
         with fs.open_output_stream(fs_path) as f:
             f.write(text.encode())
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
+    write_text_atomic(text, Path(path))  # a kill mid-write leaves no half file for --resume to trip on
 
 
 def _read_text(path: str) -> str:
@@ -366,7 +370,18 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
                               "check --storage and --name")
         import yaml
 
-        saved_values = yaml.safe_load(_read_text(saved))
+        try:
+            saved_values = yaml.safe_load(_read_text(saved))
+            problem = "empty" if saved_values is None else f"holds a {type(saved_values).__name__}, not a config"
+        except yaml.YAMLError as e:
+            saved_values, problem = None, f"not YAML: {str(e).splitlines()[0]}"
+        if not isinstance(saved_values, dict):
+            raise ConfigError(f"--resume: {saved} is damaged ({problem}): it is the resolved config "
+                              "the sweep started with; write it back (your --experiment file with the same --set "
+                              "values), or start the sweep anew under another --name")
+        if not results.is_uri(folder) and not any(Path(folder).glob("experiment_state-*.json")):
+            raise ConfigError(f"--resume: {folder} was stopped before Tune saved any state, so no trial ran to "
+                              "a result there; start anew under another --name (or remove that folder)")
         if "quick_split" not in saved_values.get("probe", {}):  # saved before f8c8e8f: its trials were
             saved_values.setdefault("probe", {})["quick_split"] = "test"  # scored on the test split; so are the rest
             log.warning("--resume: %s predates probe.quick_split; its remaining trials are scored as its first were, "
@@ -376,9 +391,18 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
             log.warning("--resume: sweep.gpus_per_worker %g reserved GPUs its workers left idle; the remaining "
                         "trials reserve 1 per worker", saved_cfg.sweep.gpus_per_worker)
             saved_cfg = replace(saved_cfg, {"sweep.gpus_per_worker": 1.0})
-        if args.max_concurrent is not None:  # the one thing a resume may change
+        if args.max_concurrent is not None:
             saved_cfg = replace(saved_cfg, {"sweep.max_concurrent": args.max_concurrent})
-        saved_flat, asked = flatten(saved_cfg), flatten(cfg)
+        # Besides --max-concurrent, a resume may change where and how the remaining trials run (the data folder
+        # after a move, loader workers, device, compile...), when --set names the key: mae.config.EXECUTION_KEYS
+        asked = flatten(cfg)
+        named = {".".join(parse_override(text)[0]) for text in args.overrides}
+        execution = {k: asked[k] for k in sorted(named & EXECUTION_KEYS - {"name"}) if k in asked}
+        if execution:
+            saved_cfg = replace(saved_cfg, execution)
+            log.info("--resume: the remaining trials run with %s",
+                     ", ".join(f"{k}={v!r}" for k, v in execution.items()))
+        saved_flat = flatten(saved_cfg)
         differ = sorted(k for k in saved_flat if saved_flat[k] != asked.get(k))
         if differ:
             log.warning("--resume: continuing with the experiment saved in %s; this command differs in %s, "
@@ -391,6 +415,7 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
     if args.fail_at_epoch and args.fail_at_epoch >= cfg.train.epochs:
         raise ConfigError(f"--fail-at-epoch {args.fail_at_epoch} must be below train.epochs ({cfg.train.epochs})")
     dims = validate_experiment(cfg)
+    check_dataset(cfg)  # here, not in each trial's workers after Ray has started (and retried them)
     return Plan(cfg, dims, storage, name, folder, args.resume)
 
 
@@ -457,7 +482,7 @@ def main(argv: list[str] | None = None, default_experiment: str = "experiments/s
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         plan = plan_sweep(args)
-    except ConfigError as e:
+    except (ConfigError, DatasetNotFoundError, CorruptDatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

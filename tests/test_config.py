@@ -48,6 +48,13 @@ from tests.conftest import REPO
     ("train.device=gpu", "train.device"),
     ("optim.min_lr=-1", "optim.min_lr"),
     ("optim.clip_grad=-1", "optim.clip_grad"),
+    ("model.patch_size=0", "model.patch_size"),  # was a ZeroDivisionError
+    ("model.decoder_num_heads=0", "model.decoder_num_heads"),  # was a ZeroDivisionError
+    ("model.decoder_depth=0", "model.decoder_depth"),  # was an IndexError in the first step
+    ("model.decoder_embed_dim=-8", "model.decoder_embed_dim"),
+    ("model.in_chans=2", "model.in_chans"),
+    ("mask.ratio=[0.5", "mask.ratio=\\[0.5"),  # not YAML: was a ParserError traceback
+    ("model.name=@x", "model.name=@x"),  # was a ScannerError traceback
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

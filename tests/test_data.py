@@ -44,6 +44,13 @@ def test_idx_reader_and_truncation(tmp_path):
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(CorruptDatasetError, match="unreadable"):
         FashionMNIST(tmp_path, train=True)
+    # a gzip header intact, the deflate stream damaged: zlib's own error, not OSError
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([1, 2, 3]))
+    damaged = bytearray((tmp_path / "train-images-idx3-ubyte.gz").read_bytes())
+    damaged[10:14] = b"\xff\xff\xff\xff"
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bytes(damaged))
+    with pytest.raises(CorruptDatasetError, match="unreadable"):
+        FashionMNIST(tmp_path, train=True)
 
 
 def test_real_fashion_mnist_splits(fashion_mnist_dir):
@@ -71,7 +78,7 @@ def test_pretrain_augmentation_is_random_but_seedable(fashion_mnist_dir):
     assert not torch.equal(a, b)
 
 
-def test_imagefolder_skips_and_logs_corrupt_images(tmp_path, caplog):
+def test_imagefolder_skips_and_logs_corrupt_images(tmp_path, caplog, monkeypatch):
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
         for i in range(2):
@@ -79,16 +86,20 @@ def test_imagefolder_skips_and_logs_corrupt_images(tmp_path, caplog):
     good = (tmp_path / "dog" / "0.jpg").read_bytes()
     (tmp_path / "dog" / "broken.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
     (tmp_path / "cat" / "empty.png").write_bytes(b"")
+    # PIL refuses an image of more than 2 x MAX_IMAGE_PIXELS as a decompression bomb (not an OSError); with
+    # the limit lowered to 1,000 pixels, 100 x 100 is one, and the 40 x 30 images only warn
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("L", (100, 100)).save(tmp_path / "cat" / "bomb.png")
     cfg = load_config(None, ["data.dataset=imagefolder", f"data.data_dir={tmp_path}",
                              "model.name=mae_vit_tiny_patch4", "model.img_size=32", "model.in_chans=3"])
     ds = build_dataset(cfg, "train")
-    assert len(ds) == 6 and ds.classes == ["cat", "dog"]
+    assert len(ds) == 7 and ds.classes == ["cat", "dog"]
     with caplog.at_level(logging.WARNING):
         batch = collate_skip_none([ds[i] for i in range(len(ds))])
     imgs, labels = batch
     assert imgs.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 1, 1]
-    assert ds.skipped == 2
-    assert "broken.jpg" in caplog.text and "empty.png" in caplog.text
+    assert ds.skipped == 3
+    assert "broken.jpg" in caplog.text and "empty.png" in caplog.text and "bomb.png" in caplog.text
 
 
 @pytest.mark.parametrize("pipeline", ["cpu", "device"])
@@ -187,3 +198,17 @@ def test_probes_and_finetuning_read_their_evaluation_images_with_data_num_worker
     assert calls == [(1, False), (1, False)]  # features of the fitted and the held-out images, one pass each
     result = mae.finetune.finetune(cfg, model.state_dict(), device="cpu", progress=False)
     assert calls[2:] == [(1, True)] and 0.0 <= result.top1 <= 1.0  # kept across the epochs' evaluations
+
+
+def test_the_dataset_check_finds_what_building_the_dataset_would_miss(tmp_path, fashion_mnist_dir):
+    from mae.data import check_dataset
+
+    check_dataset(load_config(None, [f"data.data_dir={fashion_mnist_dir}"]))  # all four IDX files there
+    check_dataset(load_config(None, ["data.dataset=synthetic"]))  # nothing to find
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "val").mkdir()  # no class folders: the test split would fail only when the probe builds it
+    folder = load_config(None, ["data.dataset=imagefolder", f"data.data_dir={tmp_path}", "model.in_chans=3"])
+    with pytest.raises(DatasetNotFoundError, match="val has no class sub-folders"):
+        check_dataset(folder)
+    (tmp_path / "val" / "cat").mkdir()
+    check_dataset(folder)

@@ -195,6 +195,7 @@ def test_resume_with_an_unreadable_table_exits_2_before_ray_starts(tmp_path, cap
     folder = tmp_path / "s"
     folder.mkdir()
     (folder / sweep.EXPERIMENT_FILE).write_text(yaml.safe_dump(to_dict(load_config(SMOKE_SWEEP))))
+    (folder / "experiment_state-2026-11-29_00-00-00.json").write_text("{}")  # Tune had saved its state
     (folder / results.TRIALS_FILE).write_bytes(GARBAGE)
     argv = ["--experiment", str(SMOKE_SWEEP), "--storage", str(tmp_path), "--name", "s", "--resume"]
     assert sweep.main(argv) == 2
@@ -507,6 +508,7 @@ def test_resuming_a_sweep_saved_before_the_held_out_split_and_the_gpu_limit(tmp_
     saved["sweep"]["gpus_per_worker"] = 2.0
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / sweep.EXPERIMENT_FILE).write_text(yaml.safe_dump(saved))
+    (tmp_path / "s" / "experiment_state-2026-11-29_00-00-00.json").write_text("{}")  # Tune had saved its state
     argv = ["--experiment", str(SMOKE_SWEEP), "--storage", str(tmp_path), "--name", "s", "--resume"]
     plan = sweep.plan_sweep(sweep.build_parser(str(SMOKE_SWEEP), "").parse_args(argv))
     assert plan.cfg.probe.quick_split == "test" and plan.cfg.sweep.gpus_per_worker == 1.0
@@ -534,3 +536,63 @@ def test_the_pre_flight_check_leaves_an_unreadable_newest_checkpoint_to_ray(tmp_
     data = (folder / "checkpoint.pt").read_bytes()
     (folder / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     pretrain_job.check_rerun(load_config(SMOKE_SWEEP, ["mask.ratio=0.5"]), str(tmp_path), "run")  # no error
+
+
+def test_a_missing_dataset_is_refused_before_ray_starts(tmp_path, capsys):
+    from ray_jobs import pretrain, sweep
+
+    nowhere = tmp_path / "nowhere"
+    argv = ["--experiment", str(SMOKE_SWEEP), "--storage", str(tmp_path), "--name", "s",
+            "--set", f"data.data_dir={nowhere}"]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Fashion-MNIST folder") and str(nowhere) in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists() and not sweep.ray.is_initialized()
+    (tmp_path / "half").mkdir()  # the folder, without its IDX files
+    assert pretrain.main(["--experiment", str(SMOKE_SWEEP), "--storage", str(tmp_path),
+                          "--set", f"data.data_dir={tmp_path / 'half'}"]) == 2
+    assert "train-images-idx3-ubyte[.gz] not found" in capsys.readouterr().err
+    assert not sweep.ray.is_initialized()
+
+
+def test_a_resume_may_point_the_remaining_trials_at_a_moved_dataset(tmp_path, fashion_mnist_dir):
+    import yaml
+
+    from mae.config import to_dict
+    from mae.data import DatasetNotFoundError
+    from ray_jobs import sweep
+
+    saved = to_dict(load_config(SMOKE_SWEEP, [f"data.data_dir={tmp_path / 'moved-away'}"]))
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / sweep.EXPERIMENT_FILE).write_text(yaml.safe_dump(saved))
+    (tmp_path / "s" / "experiment_state-2026-11-29_00-00-00.json").write_text("{}")  # Tune had saved its state
+    argv = ["--experiment", str(SMOKE_SWEEP), "--storage", str(tmp_path), "--name", "s", "--resume"]
+
+    def plan(*extra):
+        return sweep.plan_sweep(sweep.build_parser(str(SMOKE_SWEEP), "").parse_args([*argv, *extra]))
+
+    with pytest.raises(DatasetNotFoundError, match="moved-away"):
+        plan()
+    resumed = plan("--set", f"data.data_dir={fashion_mnist_dir}", "--set", "train.epochs=7")
+    assert resumed.cfg.data.data_dir == str(fashion_mnist_dir)  # where and how it runs: taken
+    assert resumed.cfg.train.epochs == saved["train"]["epochs"]  # what it computes: the saved sweep's
+
+
+def test_a_resume_refuses_a_damaged_experiment_file_or_a_sweep_tune_never_saved(tmp_path):
+    from ray_jobs import sweep
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    argv = ["--experiment", str(SMOKE_SWEEP), "--storage", str(tmp_path), "--name", "s", "--resume"]
+    for damaged in ("", "model: [unclosed"):  # empty (cut at creation), and not YAML
+        (folder / sweep.EXPERIMENT_FILE).write_text(damaged)
+        with pytest.raises(ConfigError, match="damaged .* write it back"):
+            sweep.plan_sweep(sweep.build_parser(str(SMOKE_SWEEP), "").parse_args(argv))
+    import yaml
+
+    from mae.config import to_dict
+
+    (folder / sweep.EXPERIMENT_FILE).write_text(yaml.safe_dump(to_dict(load_config(SMOKE_SWEEP))))
+    (folder / "tuner.pkl").write_bytes(b"")  # killed between Tuner() and Tune's first saved state
+    with pytest.raises(ConfigError, match="stopped before Tune saved any state"):
+        sweep.plan_sweep(sweep.build_parser(str(SMOKE_SWEEP), "").parse_args(argv))

@@ -60,6 +60,13 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
         raise ValueError(f"cannot override {sorted(unknown)} of {name}; overridable: {list(OVERRIDABLE)}")
     args = dict(MODEL_ARGS[name])
     args.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("img_size", "patch_size", "in_chans", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        value = args[key]  # an integral float is fine: table columns with gaps read back as floats
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value // 1 or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        args[key] = int(value)
+    if args["in_chans"] not in (1, 3):
+        raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {args['in_chans']!r}")
     if args["img_size"] % args["patch_size"]:
         raise ValueError(
             f"img_size {args['img_size']} is not divisible by patch_size {args['patch_size']}"

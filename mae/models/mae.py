@@ -94,9 +94,9 @@ class MaskedAutoencoderViT(nn.Module):
         p, C = self.patch_size, self.in_chans
         N, _, H, W = imgs.shape
         h, w = H // p, W // p
-        x = imgs.reshape(N, C, h, p, w, p)
+        x = imgs.reshape(N, C, h, p, w, p)  # (N, C, h, p, w, p)
         x = torch.einsum("nchpwq->nhwpqc", x)  # (N, h, w, p, p, C)
-        return x.reshape(N, h * w, p * p * C)
+        return x.reshape(N, h * w, p * p * C)  # (N, L, p*p*C)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, L, p*p*C) -> (N, C, H, W); the exact inverse of `patchify`."""
@@ -105,9 +105,9 @@ class MaskedAutoencoderViT(nn.Module):
         h = w = int(round(L**0.5))
         if h * w != L:
             raise ValueError(f"unpatchify needs a square patch grid, got L={L}")
-        x = x.reshape(N, h, w, p, p, C)
+        x = x.reshape(N, h, w, p, p, C)  # (N, h, w, p, p, C)
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, p)
-        return x.reshape(N, C, h * p, w * p)
+        return x.reshape(N, C, h * p, w * p)  # (N, C, H, W)
 
     # -- encoder / decoder / loss ----------------------------------------------------
     def forward_encoder(
@@ -195,7 +195,8 @@ class MaskedAutoencoderViT(nn.Module):
         ids_masked = torch.argsort(ids_restore, dim=1)[:, L - num_masked:]  # (N, L - L_keep)
         x = _block_for_rows(self.decoder_blocks[-1], x, ids_masked + 1)  # (N, L - L_keep, Dd)
         pred = self.decoder_pred(self.decoder_norm(x))  # (N, L - L_keep, p*p*C)
-        target = torch.gather(self.target(imgs), 1, ids_masked.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
+        index = ids_masked.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # (N, L - L_keep, p*p*C)
+        target = torch.gather(self.target(imgs), 1, index)  # (N, L - L_keep, p*p*C)
         return ((pred - target) ** 2).mean()  # mean over removed patches and their pixels
 
     # -- features for probing ----------------------------------------------------------
@@ -206,7 +207,7 @@ class MaskedAutoencoderViT(nn.Module):
         probe; with 'avg' the patch tokens are averaged after it.
         """
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (N, L, D)
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # (N, 1, D)
         x = torch.cat([cls, x], dim=1)  # (N, 1 + L, D)
         for block in self.blocks:
             x = block(x)
@@ -243,7 +244,7 @@ def _block_for_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.
     kv = F.linear(h, w[D:], b[D:]).reshape(N, T, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (2, N, H, T, D/H)
     q = q.reshape(N, -1, H, D // H).transpose(1, 2)  # (N, H, R, D/H)
     out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (N, H, R, D/H)
-    picked = picked + attn.proj(out.transpose(1, 2).reshape(N, -1, D))
+    picked = picked + attn.proj(out.transpose(1, 2).reshape(N, -1, D))  # (N, R, D)
     return picked + block.mlp(block.norm2(picked))
 
 
