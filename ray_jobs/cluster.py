@@ -26,6 +26,9 @@ from pathlib import Path
 
 import ray
 
+from mae.config import ExperimentConfig
+from mae.data import DatasetNotFoundError, check_dataset
+
 log = logging.getLogger(__name__)
 
 TRIAL_DRIVER = "trial_driver"
@@ -39,6 +42,20 @@ def cluster_address(address: str | None) -> str | None:
     if address in (None, ""):
         address = os.environ.get("RAY_ADDRESS") or None
     return None if address == "local" else address
+
+
+def check_dataset_here(cfgs: list[ExperimentConfig], address: str | None) -> None:
+    """Look for each config's dataset before Ray starts (`mae.data.check_dataset`): the workers would
+    find it missing only after, and Ray would retry them. With an embedded Ray the workers run on this
+    machine, so a missing dataset raises here. On a cluster they may run on nodes that hold data this
+    one lacks (a head node without the data mount): there a missing dataset is only a warning."""
+    for cfg in cfgs:
+        try:
+            check_dataset(cfg)
+        except DatasetNotFoundError as e:
+            if cluster_address(address) is None:
+                raise
+            log.warning("%s (on this node; the job continues, since the cluster's workers may have it)", e)
 
 
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:

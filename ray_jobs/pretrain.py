@@ -36,7 +36,7 @@ from ray.train.torch import TorchTrainer
 
 from mae.checkpoint import CheckpointError, check_recipe, check_world_size, latest_checkpoint, load_checkpoint
 from mae.config import PRETRAIN_RECIPE, ConfigError, ExperimentConfig, config_from_dict, load_config, to_dict
-from mae.data import CorruptDatasetError, DatasetNotFoundError, check_dataset
+from mae.data import CorruptDatasetError, DatasetNotFoundError
 from mae.engine import PretrainCallback, load_model, pretrain, summarize_history
 from mae.probe import quick_probe
 from ray_jobs import cluster
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"sweep.workers_per_trial={args.workers}"] if args.workers else [])
     try:
         cfg = load_config(args.experiment, overrides)
-        check_dataset(cfg)  # before Ray starts: the workers would find it missing only after, and retry
+        cluster.check_dataset_here([cfg], args.address)
     except (ConfigError, DatasetNotFoundError, CorruptDatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -57,7 +57,7 @@ from mae.config import (
     FINETUNE_RECIPE, PROBE_RECIPE, ConfigError, ExperimentConfig, apply_overrides, config_from_dict, flatten,
     load_config, recipe_changes, to_dict,
 )
-from mae.data import CorruptDatasetError, DatasetNotFoundError, check_dataset
+from mae.data import CorruptDatasetError, DatasetNotFoundError
 from mae.files import write_text_atomic
 from ray_jobs import cluster
 from ray_jobs.pretrain import FaultInjection, RayReportCallback, checkpoint_epoch
@@ -431,8 +431,7 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
         args = build_parser(job, description).parse_args(argv)
     try:
         folder, targets = choose(args)
-        for target in targets:  # before Ray starts: the workers would find the data missing only after, and retry
-            check_dataset(target.cfg)
+        cluster.check_dataset_here([t.cfg for t in targets], args.address)
         table = RunTable(job, folder)  # the earlier runs' rows; a table it cannot read stops us here
     except (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDatasetError, UnreadableTableError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,7 +37,7 @@ from mae.config import (
     EXECUTION_KEYS, ConfigError, ExperimentConfig, config_from_dict, flatten, load_config, parse_override, replace,
     to_dict,
 )
-from mae.data import CorruptDatasetError, DatasetNotFoundError, check_dataset
+from mae.data import CorruptDatasetError, DatasetNotFoundError
 from mae.files import write_text_atomic
 from ray_jobs import cluster, results
 from ray_jobs.pretrain import FaultInjection, fit_and_probe, resolve_storage
@@ -415,7 +415,7 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
     if args.fail_at_epoch and args.fail_at_epoch >= cfg.train.epochs:
         raise ConfigError(f"--fail-at-epoch {args.fail_at_epoch} must be below train.epochs ({cfg.train.epochs})")
     dims = validate_experiment(cfg)
-    check_dataset(cfg)  # here, not in each trial's workers after Ray has started (and retried them)
+    cluster.check_dataset_here([cfg], args.address)
     return Plan(cfg, dims, storage, name, folder, args.resume)
 
 

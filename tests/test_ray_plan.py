@@ -596,3 +596,16 @@ def test_a_resume_refuses_a_damaged_experiment_file_or_a_sweep_tune_never_saved(
     (folder / "tuner.pkl").write_bytes(b"")  # killed between Tuner() and Tune's first saved state
     with pytest.raises(ConfigError, match="stopped before Tune saved any state"):
         sweep.plan_sweep(sweep.build_parser(str(SMOKE_SWEEP), "").parse_args(argv))
+
+
+def test_on_a_cluster_a_dataset_missing_on_this_node_is_only_a_warning(tmp_path, caplog, monkeypatch):
+    from mae.data import DatasetNotFoundError
+    from ray_jobs import cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(SMOKE_SWEEP, [f"data.data_dir={tmp_path / 'elsewhere'}"])
+    with pytest.raises(DatasetNotFoundError):
+        cluster.check_dataset_here([cfg], None)  # an embedded Ray: its workers run here
+    with caplog.at_level("WARNING"):
+        cluster.check_dataset_here([cfg], "10.0.0.1:6379")  # the head node may lack the workers' data mount
+    assert "elsewhere" in caplog.text and "may have it" in caplog.text
