@@ -51,7 +51,7 @@ def _fashion_mnist_folder(root: Path) -> Path:
         raise DatasetNotFoundError(
             f"Fashion-MNIST folder {root} does not exist. Install it with `sudo apt-get install "
             f"dataset-fashion-mnist` (into {FASHION_MNIST_DEFAULT}) or point --data-dir / "
-            f"${DATA_DIR_ENV} at a folder holding the IDX files."
+            f"${DATA_DIR_ENV} (the Ray jobs: --set data.data_dir=...) at a folder holding the IDX files."
         )
     return root
 
@@ -65,7 +65,7 @@ def _idx_path(folder: Path, stem: str) -> Path:
         f"Fashion-MNIST file {stem}[.gz] not found in {folder}. Install the dataset with "
         f"`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts it in "
         f"{FASHION_MNIST_DEFAULT}), or point --data-dir / ${DATA_DIR_ENV} (config key "
-        f"data.data_dir) at a folder holding the four IDX files."
+        f"data.data_dir; the Ray jobs: --set data.data_dir=...) at a folder holding the four IDX files."
     )
 
 
@@ -197,10 +197,13 @@ def class_folders(root: Path) -> list[str]:
     """The class sub-folders of an ImageFolder root, sorted; raises DatasetNotFoundError without any."""
     if not root.is_dir():
         raise DatasetNotFoundError(
-            f"image folder {root} does not exist; set data.data_dir (or --data-dir / "
+            f"image folder {root} does not exist; set data.data_dir (--set data.data_dir=..., or --data-dir / "
             f"${DATA_DIR_ENV}) to an ImageNet-style tree root/<class>/<image>"
         )
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    try:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    except OSError as e:  # e.g. no permission to list it
+        raise DatasetNotFoundError(f"image folder {root} cannot be listed ({e}); check its permissions") from e
     if not classes:
         raise DatasetNotFoundError(f"image folder {root} has no class sub-folders (root/<class>/<image>)")
     return classes
@@ -403,18 +406,28 @@ def held_out_split(dataset: Dataset, n_fit: int, n_held_out: int | None) -> tupl
             torch.utils.data.Subset(dataset, [picks[i] for i in sorted(held)]))
 
 
-def check_dataset(cfg: ExperimentConfig) -> None:
+def check_dataset(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train",)) -> None:
     """A cheap look, before any work starts (the Ray jobs call it before starting Ray), that the
-    configured dataset is where the config says: Fashion-MNIST's four IDX files, or both splits'
-    class folders. Raises DatasetNotFoundError (or ConfigError) with what to change; the files'
+    configured dataset is where the config says, for the splits the job reads: Fashion-MNIST's IDX
+    files, an ImageFolder's class folders, or (data.pipeline predecoded) the store for the
+    training images. Raises DatasetNotFoundError (or ConfigError) with what to change; the files'
     contents are read, and checked, when the datasets are built."""
     if cfg.data.dataset == "fashion_mnist":
         root = _fashion_mnist_folder(fashion_mnist_root(cfg))
-        for stem in IDX_STEMS:
-            _idx_path(root, stem)
+        for split in splits:
+            prefix = "train" if split == "train" else "t10k"
+            for stem in IDX_STEMS:
+                if stem.startswith(prefix):
+                    _idx_path(root, stem)
     elif cfg.data.dataset == "imagefolder":
-        for split in ("train", "test"):
-            class_folders(imagefolder_root(cfg, split))
+        for split in splits:
+            if split == "train" and cfg.data.pipeline == "predecoded" and cfg.data.predecoded_dir:
+                store = Path(cfg.data.predecoded_dir).expanduser()
+                if not store.is_dir():
+                    raise DatasetNotFoundError(f"data.predecoded_dir {store} does not exist; write the store with "
+                                               "`python -m mae predecode`, or set data.predecoded_dir to it")
+            else:
+                class_folders(imagefolder_root(cfg, split))
 
 
 def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = True,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import ray
 
-from mae.config import ExperimentConfig
+from mae.config import ExperimentConfig, replace
 from mae.data import DatasetNotFoundError, check_dataset
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,22 @@ def cluster_address(address: str | None) -> str | None:
     return None if address == "local" else address
 
 
-def check_dataset_here(cfgs: list[ExperimentConfig], address: str | None) -> None:
+def absolute_data_dir(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Ray's workers run in other working directories: anchor a relative data_dir at ours."""
+    d = cfg.data.data_dir
+    if d and "://" not in d and not os.path.isabs(d):
+        return replace(cfg, {"data.data_dir": str(Path(d).resolve())})
+    return cfg
+
+
+def check_dataset_here(cfgs: list[ExperimentConfig], address: str | None, splits: tuple[str, ...]) -> None:
     """Look for each config's dataset before Ray starts (`mae.data.check_dataset`): the workers would
     find it missing only after, and Ray would retry them. With an embedded Ray the workers run on this
     machine, so a missing dataset raises here. On a cluster they may run on nodes that hold data this
     one lacks (a head node without the data mount): there a missing dataset is only a warning."""
     for cfg in cfgs:
         try:
-            check_dataset(cfg)
+            check_dataset(cfg, splits)
         except DatasetNotFoundError as e:
             if cluster_address(address) is None:
                 raise

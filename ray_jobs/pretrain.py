@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"sweep.workers_per_trial={args.workers}"] if args.workers else [])
     try:
-        cfg = load_config(args.experiment, overrides)
-        cluster.check_dataset_here([cfg], args.address)
+        cfg = cluster.absolute_data_dir(load_config(args.experiment, overrides))
+        probe_test = not args.no_probe and cfg.probe.quick_split == "test"  # the quick probe scores on the test split
+        cluster.check_dataset_here([cfg], args.address, ("train", "test") if probe_test else ("train",))
     except (ConfigError, DatasetNotFoundError, CorruptDatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -136,7 +136,7 @@ def config_for(checkpoint: str, experiment: str | None, overrides: list[str], wa
     else:
         raise ConfigError(f"{checkpoint} carries no config (not written by mae): pass --experiment with the "
                           "model (model.name), data and recipe to use")
-    return config_from_dict(apply_overrides(values, overrides))
+    return cluster.absolute_data_dir(config_from_dict(apply_overrides(values, overrides)))
 
 
 def choose(args: argparse.Namespace) -> tuple[Path, list[Target]]:
@@ -431,7 +431,7 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
         args = build_parser(job, description).parse_args(argv)
     try:
         folder, targets = choose(args)
-        cluster.check_dataset_here([t.cfg for t in targets], args.address)
+        cluster.check_dataset_here([t.cfg for t in targets], args.address, ("train", "test"))
         table = RunTable(job, folder)  # the earlier runs' rows; a table it cannot read stops us here
     except (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDatasetError, UnreadableTableError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -344,12 +344,10 @@ def _read_text(path: str) -> str:
     return Path(path).read_text()
 
 
-def _absolute_data_dir(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Trials run in other working directories: anchor a relative data_dir at ours."""
-    d = cfg.data.data_dir
-    if d and "://" not in d and not os.path.isabs(d):
-        return replace(cfg, {"data.data_dir": str(Path(d).resolve())})
-    return cfg
+# Execution keys whose change alters what a trial draws or computes in floating point (README: the pipeline,
+# the workers and the device draw other random crops; precision and compile round differently)
+DRAW_CHANGING_KEYS = frozenset({"data.pipeline", "data.num_workers", "train.device", "train.precision",
+                                "train.compile", "train.compile_mode"})
 
 
 def plan_sweep(args: argparse.Namespace) -> Plan:
@@ -359,7 +357,7 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
         extra.append(f"sweep.num_samples={args.num_samples}")
     if args.max_concurrent is not None:
         extra.append(f"sweep.max_concurrent={args.max_concurrent}")
-    cfg = seeded_repeats(_absolute_data_dir(load_config(args.experiment, list(args.overrides) + extra)))
+    cfg = seeded_repeats(cluster.absolute_data_dir(load_config(args.experiment, list(args.overrides) + extra)))
     storage = resolve_storage(args.storage)
     name = args.name or cfg.name
     folder = results.join(storage, name)
@@ -394,7 +392,8 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
         if args.max_concurrent is not None:
             saved_cfg = replace(saved_cfg, {"sweep.max_concurrent": args.max_concurrent})
         # Besides --max-concurrent, a resume may change where and how the remaining trials run (the data folder
-        # after a move, loader workers, device, compile...), when --set names the key: mae.config.EXECUTION_KEYS
+        # after a move, loader workers, device, compile...), when --set names the key: mae.config.EXECUTION_KEYS.
+        # They are saved into experiment.yaml below, so a later --resume keeps them.
         asked = flatten(cfg)
         named = {".".join(parse_override(text)[0]) for text in args.overrides}
         execution = {k: asked[k] for k in sorted(named & EXECUTION_KEYS - {"name"}) if k in asked}
@@ -402,6 +401,11 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
             saved_cfg = replace(saved_cfg, execution)
             log.info("--resume: the remaining trials run with %s",
                      ", ".join(f"{k}={v!r}" for k, v in execution.items()))
+        drawn = sorted(set(execution) & DRAW_CHANGING_KEYS)
+        if drawn:
+            log.warning("--resume: %s change(s) the crops, masks or arithmetic of the remaining trials (and of the "
+                        "rest of an interrupted one), so they are not comparable draw for draw with the trials "
+                        "that finished before", ", ".join(drawn))
         saved_flat = flatten(saved_cfg)
         differ = sorted(k for k in saved_flat if saved_flat[k] != asked.get(k))
         if differ:
@@ -415,7 +419,12 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
     if args.fail_at_epoch and args.fail_at_epoch >= cfg.train.epochs:
         raise ConfigError(f"--fail-at-epoch {args.fail_at_epoch} must be below train.epochs ({cfg.train.epochs})")
     dims = validate_experiment(cfg)
-    cluster.check_dataset_here([cfg], args.address)
+    # the training images; the test split too when the quick probe, the objective, scores on it
+    cluster.check_dataset_here([cfg], args.address, ("train", "test") if cfg.probe.quick_split == "test" else ("train",))
+    if args.resume:  # what this resume runs with (execution values from --set, --max-concurrent): the next one too
+        import yaml
+
+        _write_text(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return Plan(cfg, dims, storage, name, folder, args.resume)
 
 

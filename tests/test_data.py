@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mae.config import load_config
+from mae.config import load_config, replace
 from mae.data import (
     CorruptDatasetError, DatasetNotFoundError, FashionMNIST, ImageFolder, build_dataset,
     collate_skip_none, eval_loader, eval_transform, read_idx,
@@ -208,7 +208,15 @@ def test_the_dataset_check_finds_what_building_the_dataset_would_miss(tmp_path, 
     (tmp_path / "train" / "cat").mkdir(parents=True)
     (tmp_path / "val").mkdir()  # no class folders: the test split would fail only when the probe builds it
     folder = load_config(None, ["data.dataset=imagefolder", f"data.data_dir={tmp_path}", "model.in_chans=3"])
+    check_dataset(folder)  # pretraining with the quick probe on held-out training images reads train/ only
     with pytest.raises(DatasetNotFoundError, match="val has no class sub-folders"):
-        check_dataset(folder)
+        check_dataset(folder, ("train", "test"))
     (tmp_path / "val" / "cat").mkdir()
-    check_dataset(folder)
+    check_dataset(folder, ("train", "test"))
+    # the predecoded pipeline trains from its store, not from the raw images
+    store = replace(folder, {"data.pipeline": "predecoded", "data.predecoded_dir": str(tmp_path / "store"),
+                             "data.data_dir": str(tmp_path / "raw-moved-away")})
+    with pytest.raises(DatasetNotFoundError, match="predecoded_dir .* does not exist"):
+        check_dataset(store)
+    (tmp_path / "store").mkdir()
+    check_dataset(store)

@@ -576,6 +576,7 @@ def test_a_resume_may_point_the_remaining_trials_at_a_moved_dataset(tmp_path, fa
     resumed = plan("--set", f"data.data_dir={fashion_mnist_dir}", "--set", "train.epochs=7")
     assert resumed.cfg.data.data_dir == str(fashion_mnist_dir)  # where and how it runs: taken
     assert resumed.cfg.train.epochs == saved["train"]["epochs"]  # what it computes: the saved sweep's
+    assert plan().cfg.data.data_dir == str(fashion_mnist_dir)  # saved: the next --resume runs there too
 
 
 def test_a_resume_refuses_a_damaged_experiment_file_or_a_sweep_tune_never_saved(tmp_path):
@@ -605,7 +606,7 @@ def test_on_a_cluster_a_dataset_missing_on_this_node_is_only_a_warning(tmp_path,
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = load_config(SMOKE_SWEEP, [f"data.data_dir={tmp_path / 'elsewhere'}"])
     with pytest.raises(DatasetNotFoundError):
-        cluster.check_dataset_here([cfg], None)  # an embedded Ray: its workers run here
+        cluster.check_dataset_here([cfg], None, ("train",))  # an embedded Ray: its workers run here
     with caplog.at_level("WARNING"):
-        cluster.check_dataset_here([cfg], "10.0.0.1:6379")  # the head node may lack the workers' data mount
+        cluster.check_dataset_here([cfg], "10.0.0.1:6379", ("train",))  # the head may lack the workers' data mount
     assert "elsewhere" in caplog.text and "may have it" in caplog.text

@@ -4,6 +4,7 @@ Names carry their hyper-parameters where the paper's do (`mae_vit_base_patch16`,
 512 x 8 by default). The small variants are for 28-32 px images (Fashion-MNIST, CIFAR).
 """
 
+import numbers
 from typing import Any
 
 from mae.models.mae import MaskedAutoencoderViT
@@ -62,7 +63,7 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     args.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("img_size", "patch_size", "in_chans", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         value = args[key]  # an integral float is fine: table columns with gaps read back as floats
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value // 1 or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value // 1 or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
         args[key] = int(value)
     if args["in_chans"] not in (1, 3):
