@@ -382,10 +382,9 @@ def validate(cfg: ExperimentConfig) -> None:
         args = resolved_model_args(cfg)
     except ValueError as e:
         key = "model.name" if "unknown model" in str(e) else "model"
-        named = [k for k in ("img_size", "patch_size", "in_chans", "decoder_embed_dim", "decoder_depth",
-                             "decoder_num_heads") if str(e).startswith(k)]
-        if named:
-            key = f"model.{named[0]}"
+        first = str(e).split(" ", 1)[0]  # model_args' messages start with the argument they are about
+        if first in {f.name for f in dataclasses.fields(ModelConfig)}:
+            key = f"model.{first}"
         raise ConfigError(f"{key}: {e}") from e
     num_patches = (args["img_size"] // args["patch_size"]) ** 2
     require(num_visible(num_patches, cfg.mask.ratio) >= 1, "mask.ratio",

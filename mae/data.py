@@ -42,8 +42,9 @@ class CorruptDatasetError(ValueError):
 # -- Fashion-MNIST -------------------------------------------------------------------
 
 
-IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",  # Fashion-MNIST's four files, without .gz
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+def _idx_stems(prefix: str) -> tuple[str, str]:
+    """The names (without .gz) of a Fashion-MNIST split's image and label files; prefix train or t10k."""
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
 
 
 def _fashion_mnist_folder(root: Path) -> Path:
@@ -111,8 +112,9 @@ class FashionMNIST(Dataset):
     def __init__(self, root: str | Path, train: bool = True, transform=None, subset: int | None = None):
         root = _fashion_mnist_folder(Path(root))
         prefix = "train" if train else "t10k"
-        images = read_idx(_open_idx(root, f"{prefix}-images-idx3-ubyte"), f"{prefix} images in {root}")
-        labels = read_idx(_open_idx(root, f"{prefix}-labels-idx1-ubyte"), f"{prefix} labels in {root}")
+        image_file, label_file = _idx_stems(prefix)
+        images = read_idx(_open_idx(root, image_file), f"{prefix} images in {root}")
+        labels = read_idx(_open_idx(root, label_file), f"{prefix} labels in {root}")
         if len(images) != len(labels):
             raise CorruptDatasetError(f"{root}: {len(images)} {prefix} images but {len(labels)} labels")
         if subset is not None:
@@ -415,10 +417,8 @@ def check_dataset(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train",)) -
     if cfg.data.dataset == "fashion_mnist":
         root = _fashion_mnist_folder(fashion_mnist_root(cfg))
         for split in splits:
-            prefix = "train" if split == "train" else "t10k"
-            for stem in IDX_STEMS:
-                if stem.startswith(prefix):
-                    _idx_path(root, stem)
+            for stem in _idx_stems("train" if split == "train" else "t10k"):
+                _idx_path(root, stem)
     elif cfg.data.dataset == "imagefolder":
         for split in splits:
             if split == "train" and cfg.data.pipeline == "predecoded" and cfg.data.predecoded_dir:

@@ -106,6 +106,11 @@ def fit_logistic(
     return head
 
 
+def quick_probe_splits(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The dataset splits `quick_probe` reads: the training split, and the test split with quick_split test."""
+    return ("train", "test") if cfg.probe.quick_split == "test" else ("train",)
+
+
 def quick_probe(
     model: MaskedAutoencoderViT, cfg: ExperimentConfig, device: torch.device | str | None = None,
 ) -> dict[str, Any]:

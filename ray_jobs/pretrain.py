@@ -38,7 +38,7 @@ from mae.checkpoint import CheckpointError, check_recipe, check_world_size, late
 from mae.config import PRETRAIN_RECIPE, ConfigError, ExperimentConfig, config_from_dict, load_config, to_dict
 from mae.data import CorruptDatasetError, DatasetNotFoundError
 from mae.engine import PretrainCallback, load_model, pretrain, summarize_history
-from mae.probe import quick_probe
+from mae.probe import quick_probe, quick_probe_splits
 from ray_jobs import cluster
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"sweep.workers_per_trial={args.workers}"] if args.workers else [])
     try:
         cfg = cluster.absolute_data_dir(load_config(args.experiment, overrides))
-        probe_test = not args.no_probe and cfg.probe.quick_split == "test"  # the quick probe scores on the test split
-        cluster.check_dataset_here([cfg], args.address, ("train", "test") if probe_test else ("train",))
+        cluster.check_dataset_here([cfg], args.address, ("train",) if args.no_probe else quick_probe_splits(cfg))
     except (ConfigError, DatasetNotFoundError, CorruptDatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
+import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
@@ -39,6 +40,7 @@ from mae.config import (
 )
 from mae.data import CorruptDatasetError, DatasetNotFoundError
 from mae.files import write_text_atomic
+from mae.probe import quick_probe_splits
 from ray_jobs import cluster, results
 from ray_jobs.pretrain import FaultInjection, fit_and_probe, resolve_storage
 from ray_jobs.space import Choice, Dimension, Range, seeded_repeats, validate_experiment
@@ -336,6 +338,11 @@ def _write_text(path: str, text: str) -> None:
     write_text_atomic(text, Path(path))  # a kill mid-write leaves no half file for --resume to trip on
 
 
+def write_experiment(path: str, cfg: ExperimentConfig) -> None:
+    """The sweep's resolved experiment (experiment.yaml), which --resume reads back."""
+    _write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
 def _read_text(path: str) -> str:
     if results.is_uri(path):
         fs, fs_path = pafs.FileSystem.from_uri(path)
@@ -366,8 +373,6 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
         if not _exists(saved):
             raise ConfigError(f"--resume: no sweep to resume in {folder} (no {EXPERIMENT_FILE}); "
                               "check --storage and --name")
-        import yaml
-
         try:
             saved_values = yaml.safe_load(_read_text(saved))
             problem = "empty" if saved_values is None else f"holds a {type(saved_values).__name__}, not a config"
@@ -419,12 +424,9 @@ def plan_sweep(args: argparse.Namespace) -> Plan:
     if args.fail_at_epoch and args.fail_at_epoch >= cfg.train.epochs:
         raise ConfigError(f"--fail-at-epoch {args.fail_at_epoch} must be below train.epochs ({cfg.train.epochs})")
     dims = validate_experiment(cfg)
-    # the training images; the test split too when the quick probe, the objective, scores on it
-    cluster.check_dataset_here([cfg], args.address, ("train", "test") if cfg.probe.quick_split == "test" else ("train",))
+    cluster.check_dataset_here([cfg], args.address, quick_probe_splits(cfg))  # pretraining reads "train" too
     if args.resume:  # what this resume runs with (execution values from --set, --max-concurrent): the next one too
-        import yaml
-
-        _write_text(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_experiment(saved, cfg)
     return Plan(cfg, dims, storage, name, folder, args.resume)
 
 
@@ -443,8 +445,6 @@ def code_version() -> str:
 
 def run_sweep(plan: Plan, args: argparse.Namespace) -> int:
     """Start or restore the Tuner, keep the tables, print the summary; the exit status."""
-    import yaml
-
     cfg = plan.cfg
     # The objective arrives only with a trial's last report; epoch reports lack it.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -459,7 +459,7 @@ def run_sweep(plan: Plan, args: argparse.Namespace) -> int:
     if plan.resume:
         tuner = restore_tuner(plan.folder, fn, callback, cfg.sweep.max_concurrent)
     else:
-        _write_text(results.join(plan.folder, EXPERIMENT_FILE), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_experiment(results.join(plan.folder, EXPERIMENT_FILE), cfg)
         tuner = tune.Tuner(
             fn,
             param_space=tune_space(plan.dims, cfg.sweep.search),
