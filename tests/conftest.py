@@ -1,4 +1,5 @@
 import contextlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -21,6 +22,14 @@ def fashion_mnist_dir() -> Path:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextlib.contextmanager

@@ -554,14 +554,11 @@ def test_cuda_prefetch_matches_inline_and_trains_under_cuda_graphs(tmp_path):
 
 def test_input_pipeline_benchmark_smoke(tmp_path):
     """benchmarks/input_pipeline.py runs each arm end to end at toy size and writes its JSON."""
-    import importlib.util
     import json
 
-    from tests.conftest import REPO
+    from tests.conftest import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("input_pipeline_benchmark", REPO / "benchmarks" / "input_pipeline.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("input_pipeline")
     out = tmp_path / "bench.json"
     bench.main(["--num-images", "12", "--image-size", "64", "48", "--data-dir", str(tmp_path / "jpegs"),
                 "--batch-size", "4", "--img-size", "16", "--workers", "0", "--steps", "2", "--input-batches", "2",

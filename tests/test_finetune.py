@@ -423,12 +423,11 @@ def test_a_finetuning_step_updates_the_weights_and_leaves_no_gradients_behind():
 
 def test_finetune_step_benchmark_smoke(tmp_path):
     """benchmarks/finetune_step.py times FinetuneStep eager and compiled and writes its JSON."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("finetune_step_benchmark", REPO / "benchmarks" / "finetune_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_benchmark
+
+    bench = load_benchmark("finetune_step")
     out = tmp_path / "bench.json"
     bench.main(["--batch-size", "8", "--steps", "2", "--warmup", "1", "--device", "cpu", "--threads", "1",
                 "--set", "finetune.drop_path=0", "--json", str(out)])

@@ -13,7 +13,7 @@ import torch
 from mae.config import load_config
 from mae.engine import TrainStep, build_model, build_optimizer, pretrain
 from mae.models import build_mae
-from tests.conftest import REPO, attention_dtypes
+from tests.conftest import REPO, attention_dtypes, load_benchmark
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -42,15 +42,6 @@ def _curve(*overrides: str, steps: int = 60, mask_seed: int = 2) -> torch.Tensor
     return torch.stack(losses).float().cpu()
 
 
-def _throughput_benchmark():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("throughput_benchmark", REPO / "benchmarks" / "throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_bf16_step_tracks_float32_eager(mode):
     """The engine's CUDA path (bf16 autocast, compiled, CUDA graphs with reduce-overhead)
@@ -63,7 +54,7 @@ def test_compiled_bf16_step_tracks_float32_eager(mode):
     fast = _curve("train.compile=true", f"train.compile_mode={mode}")
     assert reference[-10:].mean() < 0.8 * reference[:5].mean()  # it learns
     assert torch.isfinite(fast).all()
-    verdict = _throughput_benchmark().compare_curves(fast, reference, control)  # the benchmark's own yardstick
+    verdict = load_benchmark("throughput").compare_curves(fast, reference, control)  # the benchmark's own yardstick
     assert verdict["within_noise"], {k: v for k, v in verdict.items() if "rel_diff" in k or "bias" in k}
 
 
@@ -98,7 +89,7 @@ def test_benchmark_peak_memory_is_each_variants_own():
     # Both "models" sit on the GPU at once; each step allocates 64 MiB for a moment and
     # keeps 32 MiB (an optimizer state). Each variant's peak is its 256 MiB of weights plus
     # its own 64 MiB, whichever runs first: not the device's peak, which holds both models.
-    bench = _throughput_benchmark()
+    bench = load_benchmark("throughput")
     mib = 2**20 // 4  # float32 elements in a MiB
     models = {name: torch.nn.Linear(256 * mib, 1, bias=False).cuda() for name in ("a", "b")}
     kept = []

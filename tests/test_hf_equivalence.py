@@ -5,9 +5,7 @@ positions and loss at once; the round-trip and strict-load tests check `mae.inte
 Weights are randomised (biases, norms, tokens included) so a swapped mapping shows.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from mae.interop import (  # noqa: E402
     to_hf_state_dict,
 )
 from mae.models import build_mae, model_args  # noqa: E402
+from tests.conftest import load_benchmark  # noqa: E402
 
 MASK_RATIO = 0.75
 # (name, overrides): the 1-channel 28 px default and a 3-channel 32 px variant.
@@ -262,11 +261,7 @@ def test_hf_config_carries_the_reference_choices():
 
 
 def throughput_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-    spec = importlib.util.spec_from_file_location("throughput_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("throughput")
 
 
 def test_flop_count_includes_attention_on_every_device():

@@ -1,15 +1,12 @@
 """benchmarks/profile_step.py: the kernel-name categories, and a CPU run whose split adds up."""
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
-spec = importlib.util.spec_from_file_location("profile_step", REPO / "benchmarks" / "profile_step.py")
-profile_step = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(profile_step)
+profile_step = load_benchmark("profile_step")
 
 
 @pytest.mark.parametrize("name,expected", [
