@@ -22,7 +22,6 @@ thing printed is the table; --json writes everything, after each config.
 import argparse
 import datetime
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,7 +34,9 @@ from mae.finetune import FinetuneStep, build_classifier, optimizer_for
 from mae.models import model_names
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import counted_flops, matmul_ceiling, time_in_turns  # noqa: E402  (shared with the pretraining benchmark)
+from throughput import (  # noqa: E402  (shared with the pretraining benchmark)
+    counted_flops, matmul_ceiling, time_in_turns, timing_results,
+)
 
 VARIANTS = ("eager", "compiled")
 PRESETS = {
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, classes: int, args,
-                 device: torch.device) -> dict:
+                 device: torch.device, ceiling: float) -> dict:
     def cfg_for(compiled: bool):
         return load_config(None, [f"model.name={model_name}", f"model.img_size={img_size}", f"model.in_chans={in_chans}",
                                   f"finetune.batch_size={batch}", f"train.precision={args.precision}",
@@ -103,11 +104,7 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, clas
 
     times, warmup_s, peak_mem = time_in_turns({name: (lambda s=step: s(imgs, labels)) for name, step in steps.items()},
                                               args.warmup, args.steps, device, model_name, models)
-    results = {}
-    for name, ts in times.items():
-        median = statistics.median(ts)
-        results[name] = {"median_ms": 1e3 * median, "min_ms": 1e3 * min(ts), "img_per_s": batch / median,
-                         "peak_mem_gib": peak_mem[name], "warmup_s": warmup_s[name], "times_ms": [1e3 * t for t in ts]}
+    results = timing_results(times, warmup_s, peak_mem, batch, flops, ceiling)
     speedup = (results["compiled"]["img_per_s"] / results["eager"]["img_per_s"]
                if {"compiled", "eager"} <= results.keys() else None)
     return {"model": model_name, "img_size": img_size, "in_chans": in_chans, "batch_size": batch, "classes": classes,
@@ -131,9 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"torch": torch.__version__, "timm": timm.__version__}, "configs": [],
     }
     for model_name, img_size, in_chans, batch, classes in configs:
-        result = bench_config(model_name, img_size, in_chans, batch, classes, args, device)
-        for r in result["results"].values():
-            r["mfu"] = r["img_per_s"] * result["train_flops_per_image"] / ceiling["flops_per_s"]
+        result = bench_config(model_name, img_size, in_chans, batch, classes, args, device, ceiling["flops_per_s"])
         report["configs"].append(result)
         if args.json:
             write_text_atomic(json.dumps(report, indent=2), args.json)  # a kill mid-write keeps the last one

@@ -136,6 +136,22 @@ def time_in_turns(steps: dict[str, Callable[[], object]], warmup: int, n: int, d
     return times, warmup_s, peak_mem
 
 
+def timing_results(times: dict[str, list[float]], warmup_s: dict[str, float], peak_mem: dict[str, float | None],
+                   batch: int, flops_per_image: float, ceiling: float) -> dict[str, dict]:
+    """Per step timed by time_in_turns: median and fastest ms, img/s (batch / median), MFU against
+    the matmul ceiling (FLOP/s), peak GiB, warm-up seconds and every timed step's ms."""
+    results = {}
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        img_s = batch / median
+        results[name] = {
+            "median_ms": 1e3 * median, "min_ms": 1e3 * min(ts), "img_per_s": img_s,
+            "mfu": img_s * flops_per_image / ceiling, "peak_mem_gib": peak_mem[name], "warmup_s": warmup_s[name],
+            "times_ms": [1e3 * t for t in ts],
+        }
+    return results
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's parameters and buffers."""
     return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
@@ -304,10 +320,12 @@ def compare_curves(engine: torch.Tensor, fp32: torch.Tensor, control: torch.Tens
         "mean_signed_rel_diff": float(drift.mean()),  # a bias shows here
         "control_mean_rel_diff": float(noise.abs().mean()),
         "bias_limit": max(float(3 * noise.std() / n**0.5), resolution) if n > 1 else float("inf"),
-        "last_fifth_mean_engine": float(engine[-tail:].mean()), "last_fifth_mean_fp32_eager": float(fp32[-tail:].mean()),
+        "last_fifth_mean_engine": float(engine[-tail:].mean()),
+        "last_fifth_mean_fp32_eager": float(fp32[-tail:].mean()),
         "last_fifth_mean_control": float(control[-tail:].mean()), "first_loss": float(fp32[0]),
     }
-    out["drift_over_noise"] = out["mean_rel_diff"] / out["control_mean_rel_diff"] if out["control_mean_rel_diff"] else None
+    noise_level = out["control_mean_rel_diff"]
+    out["drift_over_noise"] = out["mean_rel_diff"] / noise_level if noise_level else None
     out["within_noise"] = (out["mean_rel_diff"] <= out["control_mean_rel_diff"]
                            and abs(out["mean_signed_rel_diff"]) <= out["bias_limit"])
     return out
@@ -368,15 +386,7 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
         save()
 
     def record(times: dict[str, list[float]], warmup_s: dict[str, float], peak_mem: dict[str, float | None]) -> None:
-        results = {}
-        for name, ts in times.items():
-            median = statistics.median(ts)
-            img_s = batch / median
-            results[name] = {
-                "median_ms": 1e3 * median, "min_ms": 1e3 * min(ts), "img_per_s": img_s,
-                "mfu": img_s * flops / ceiling, "peak_mem_gib": peak_mem[name], "warmup_s": warmup_s[name],
-                "times_ms": [1e3 * t for t in ts],
-            }
+        results = timing_results(times, warmup_s, peak_mem, batch, flops, ceiling)
         ratios = {}
         for ours in ("ours-eager", "ours-compiled"):
             for hf in ("hf-eager", "hf-compiled"):
