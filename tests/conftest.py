@@ -1,6 +1,9 @@
 import contextlib
 import importlib.util
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,21 @@ from timm.models.vision_transformer import Attention
 from mae.data import DATA_DIR_ENV, FASHION_MNIST_DEFAULT
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Everything the suite writes to the temporary folder goes into one of its own: pytest's tmp_path,
+# the Inductor cache, and the Ray jobs the tests start (their session logs, which Ray never
+# removes, and their workers' run folders) inherit TMPDIR. Removed at the end of a passing run;
+# kept after a failure, for its logs. Short, for Ray's socket paths (about 107 characters at most).
+SUITE_TMP = tempfile.mkdtemp(prefix="mt")
+os.environ["TMPDIR"] = SUITE_TMP
+tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0:
+        shutil.rmtree(SUITE_TMP, ignore_errors=True)
+    else:
+        sys.stderr.write(f"\nthe tests' temporary files (Ray's logs among them) are kept in {SUITE_TMP}\n")
 
 
 @pytest.fixture(scope="session")

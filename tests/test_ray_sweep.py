@@ -58,14 +58,21 @@ def _run(args: list[str], cwd: Path = REPO, env: dict[str, str] | None = None) -
 def resumed_sweep(tmp_path_factory):
     """A sweep whose workers are each killed once after epoch 1, interrupted after its first
     trial (one trial at a time), then resumed with --resume at two trials at a time:
-    {"folder", "first": (proc, trials rows), "second": proc}."""
+    {"folder", "first": (proc, trials rows), "second": proc, "workers_tmp": what the workers left in TMPDIR}."""
     storage = tmp_path_factory.mktemp("results")
+    # The workers' temporary folders (and embedded Ray's) in a private TMPDIR, to see what a killed
+    # worker leaves behind; short, for Ray's socket paths.
+    tmp = Path(tempfile.mkdtemp(prefix="mt"))
+    env = _env(TMPDIR=str(tmp))
     common = [*SWEEP, *TINY, "--storage", str(storage), "--name", "faulty", "--fail-at-epoch", "1"]
-    first = _run([*common, "--max-concurrent", "1", "--interrupt-after", "1"], cwd=storage)
+    first = _run([*common, "--max-concurrent", "1", "--interrupt-after", "1"], cwd=storage, env=env)
     folder = storage / "faulty"
     first_rows = pq.read_table(folder / results.TRIALS_FILE).to_pylist() if (folder / results.TRIALS_FILE).exists() else []
-    second = _run([*common, "--resume", "--max-concurrent", "2"], cwd=storage)
-    return {"folder": folder, "first": (first, first_rows), "second": second}
+    second = _run([*common, "--resume", "--max-concurrent", "2"], cwd=storage, env=env)
+    workers_tmp = {"folders": sorted(p.name for p in tmp.glob("mae-*")),
+                   "checkpoints": sorted(str(p.relative_to(tmp)) for p in tmp.glob("mae-*/**/*.pt"))}
+    yield {"folder": folder, "first": (first, first_rows), "second": second, "workers_tmp": workers_tmp}
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tables(folder: Path):
@@ -108,6 +115,15 @@ def test_killed_worker_is_retried_from_its_last_checkpoint(resumed_sweep):
     steps = {(r["trial_id"], r["epoch"]): r["step"] for r in epochs.to_pylist()}
     for t in trials.column("trial_id").to_pylist():
         assert steps[(t, 2)] == 2 * steps[(t, 1)]  # the step count carried over the restart
+
+
+def test_killed_workers_leave_no_checkpoint_in_their_temporary_folders(resumed_sweep):
+    """Ray kills a worker without running its cleanup (here the injected kill and the interrupt;
+    in a sweep, every early-stopped trial): its temporary run folder stays, so the checkpoints
+    there must already be gone once Ray has stored them."""
+    left = resumed_sweep["workers_tmp"]
+    assert any(name.startswith("mae-rank0-") for name in left["folders"]), "the killed workers' folders are not here"
+    assert left["checkpoints"] == []
 
 
 def test_interrupted_sweep_resumes_to_complete_tables(resumed_sweep):
@@ -183,7 +199,7 @@ def ray_cluster():
     token = uuid.uuid4().hex
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing to drain: stop at once
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    temp_dir = tempfile.mkdtemp(prefix="ray")  # in the suite's short TMPDIR (conftest): Ray's socket paths have a length limit
     port, dashboard, agent = _free_port(), _free_port(), _free_port()
     # The job agent's HTTP port too: its default, 52365, is taken by any other Ray on the machine
     # (another test run's, an embedded one), and a node whose agent cannot bind it takes no jobs
