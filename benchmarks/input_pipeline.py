@@ -63,7 +63,7 @@ from mae.predecoded import PredecodedImages, write_store
 from mae.engine import (
     TrainStep, autocast_dtype, build_model, build_optimizer, device_name, select_device, synchronize,
 )
-from mae.files import write_text_atomic
+from mae.files import cleanup_on_termination, write_text_atomic
 from mae.models import model_names
 
 ARMS = {  # name: (data.pipeline, prefetch)
@@ -303,4 +303,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with cleanup_on_termination():  # `timeout` (gpu_check.sh) sends SIGTERM: remove the generated JPEGs too
+        main()

@@ -19,7 +19,7 @@ from mae.config import (
     ConfigError, ExperimentConfig, apply_overrides, config_from_dict, load_config, resolved_model_args, to_dict,
 )
 from mae.data import DATA_DIR_ENV, CorruptDatasetError, DatasetNotFoundError
-from mae.files import write_text_atomic
+from mae.files import cleanup_on_termination, write_text_atomic
 
 log = logging.getLogger("mae")
 
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"pretrain": cmd_pretrain, "probe": cmd_probe, "reconstruct": cmd_reconstruct,
                 "predecode": cmd_predecode}
     try:
-        return commands[args.command](args)
+        with cleanup_on_termination():  # a killed predecode or pretrain removes what it half wrote
+            return commands[args.command](args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,16 @@
 """Files written so that a reader, or a crash, never sees half of one: write beside, flush, rename.
 
 Checkpoints (mae.checkpoint), summary.json, the Ray jobs' tables and records, and the
-benchmarks' JSON are all written this way.
+benchmarks' JSON are all written this way. What is written in several steps (a checkpoint
+folder, a pre-decoded store) is removed by its writer's cleanup when interrupted, and
+`cleanup_on_termination` makes SIGTERM and SIGHUP interrupt as Ctrl-C does.
 """
 
 import contextlib
 import os
+import signal
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,3 +48,29 @@ def replaced_atomically(target: Path) -> Iterator[Path]:
         fsync_path(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def cleanup_on_termination() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a scheduler's time limit) and SIGHUP (a closed terminal) end the
+    block as Ctrl-C does, by an exception (SystemExit, status 128 + the signal's number) that
+    runs the cleanup of half-written files. Python's default is to die at once, leaving a
+    partial checkpoint folder or store behind. A signal the process ignores (`nohup`) stays
+    ignored; the old handlers come back when the block ends. Only the main thread can set them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            old[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -79,14 +80,37 @@ class _Shrunk(Dataset):
             img = shrink(read_pil(path, self.folder.mode), self.short_side)
         except PIL_ERRORS as e:
             return None, label, f"{path} ({e})"
-        arr = np.array(img)  # (H, W) or (H, W, C); a writable copy
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return np.ascontiguousarray(arr), label, str(path)
+        arr = np.asarray(img)  # (H, W) or (H, W, C)
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1), label, str(path)  # (C, H, W)
 
 
-def _as_list(batch: list) -> list:
-    """A conversion batch as it comes: (pixels, label, path) tuples, no collation."""
-    return batch
+class _Packed(NamedTuple):
+    """A conversion batch: the readable images' pixels back to back, and per image its (C, H, W)
+    shape (None: unreadable), label, and path (with the reason when unreadable)."""
+    pixels: torch.Tensor
+    shapes: list[tuple[int, int, int] | None]
+    labels: list[int]
+    wheres: list[str]
+
+
+def _pack(batch: list) -> _Packed:
+    """Collate in the conversion worker: one uint8 tensor, which the worker hands over through
+    shared memory, leaving a short message in the pipe. As numpy arrays the pixels went
+    through the pipe itself; a worker whose parent was killed then stayed blocked writing
+    into the full pipe, forever, instead of noticing and exiting."""
+    arrays = [a for a, _, _ in batch if a is not None]
+    pixels = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.uint8)
+    return _Packed(torch.from_numpy(pixels), [None if a is None else a.shape for a, _, _ in batch],
+                   [label for _, label, _ in batch], [where for _, _, where in batch])
+
+
+def _unpack(packed: _Packed) -> Iterator[tuple[np.ndarray | None, int, str]]:
+    """A conversion batch's images again, in order: (flat pixels or None, label, path)."""
+    pixels, start = packed.pixels.numpy(), 0
+    for shape, label, where in zip(packed.shapes, packed.labels, packed.wheres):
+        size = 0 if shape is None else int(np.prod(shape))
+        yield (None if shape is None else pixels[start:start + size].reshape(shape)), label, where
+        start += size
 
 
 def write_store(source: str | Path, out: str | Path, short_side: int | None = 256, in_chans: int = 3,
@@ -108,17 +132,16 @@ def write_store(source: str | Path, out: str | Path, short_side: int | None = 25
     partial.mkdir(parents=True)
     try:
         offsets, shapes, labels, skipped = [0], [], [], 0
-        # Workers hand over CONVERT_BATCH images at a time, as pickled numpy arrays: one at a
+        # Workers hand over CONVERT_BATCH images at a time, packed into one tensor: one at a
         # time, the hand-over cost more than decoding a small image (see CONVERT_BATCH)
         loader = DataLoader(_Shrunk(folder, short_side), batch_size=CONVERT_BATCH, num_workers=workers,
-                            collate_fn=_as_list)
+                            collate_fn=_pack)
         with open(partial / IMAGES, "wb") as f:
-            for arr, label, where in itertools.chain.from_iterable(loader):
+            for arr, label, where in itertools.chain.from_iterable(map(_unpack, loader)):
                 if arr is None:
                     skipped += 1
                     log.warning("skipping unreadable image %s; %d skipped so far", where, skipped)
                     continue
-                arr = np.asarray(arr)
                 f.write(arr.tobytes())
                 offsets.append(offsets[-1] + arr.size)
                 shapes.append(arr.shape)

@@ -5,7 +5,13 @@ lose nothing; the pipeline augments exactly the stored pixels and pretrains."""
 import json
 import logging
 import math
+import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +32,8 @@ from mae.predecoded import PackedBatch, PredecodedImages, collate_packed, write_
 from mae.finetune import finetune
 from mae.probe import linear_probe, quick_probe
 from tests.test_device_input import folder_cfg, make_folder
+
+REPO = Path(__file__).resolve().parents[1]
 
 # make_folder's files in ImageFolder order: (class, name, (H, W)); None: unreadable
 FILES = [(0, "a/0.jpg", (60, 80)), (0, "a/1.jpg", (60, 80)), (0, "a/photo.bmp", (40, 30)),
@@ -107,6 +115,70 @@ def test_interrupted_conversion_leaves_no_store_and_is_named(tmp_path, monkeypat
     (tmp_path / "store.partial").mkdir()  # what a killed conversion leaves
     with pytest.raises(DatasetNotFoundError, match="interrupted"):
         PredecodedImages(tmp_path / "store")
+
+
+# Runs `python -m mae predecode` with 2 workers that each take 0.5 s an image and hand over
+# 300 x 300 images (more than a pipe holds); the parent stops itself by SIGNAL as soon as both
+# workers are busy with their first image.
+_STOPPED_CONVERSION = """
+import os, signal, sys, threading, time
+from pathlib import Path
+import mae.predecoded as pd
+from mae.cli import main
+src, out, sig, pids = sys.argv[1], sys.argv[2], getattr(signal, sys.argv[3]), Path(sys.argv[4])
+pd.CONVERT_BATCH = 1
+pd.shrink = lambda img, short_side: img.resize((300, 300))
+getitem = pd._Shrunk.__getitem__
+def slow_getitem_noting_the_worker(self, i):
+    with open(pids, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(0.5)
+    return getitem(self, i)
+pd._Shrunk.__getitem__ = slow_getitem_noting_the_worker
+def stop_when_both_workers_are_busy():
+    while not pids.exists() or len(set(pids.read_text().split())) < 2:
+        time.sleep(0.02)
+    os.kill(os.getpid(), sig)
+threading.Thread(target=stop_when_both_workers_are_busy, daemon=True).start()
+sys.exit(main(["predecode", "--data-dir", src, "--out", out, "--workers", "2", "--channels", "3"]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads process states from /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_conversion_leaves_no_workers_and_on_sigterm_no_partial_store(tmp_path, sig):
+    """SIGTERM (a time limit, `kill`) cleans up as Ctrl-C does. Neither signal leaves the conversion
+    workers behind: they handed over pixels through the pipe, and with the parent gone they
+    stayed blocked on the full pipe forever."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_folder(src)
+    out, pids, log = tmp_path / "store", tmp_path / "pids", tmp_path / "log"
+    with open(log, "w") as f:  # not a pipe: stuck workers would hold it open, and the wait would never end
+        proc = subprocess.run([sys.executable, "-c", _STOPPED_CONVERSION, str(src), str(out), sig, str(pids)],
+                              cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=120)
+    stderr = log.read_text()
+    assert proc.returncode in (128 + getattr(signal, sig), -getattr(signal, sig)), stderr[-2000:]
+    workers = {int(line) for line in pids.read_text().split()}
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30  # a worker notices its parent is gone within seconds
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stuck = [w for w in workers if _alive(w)]
+    for w in stuck:
+        os.kill(w, signal.SIGKILL)
+    assert not stuck, "conversion workers outlived their parent"
+    assert not out.exists()
+    if sig == "SIGTERM":
+        assert "stopped by SIGTERM" in stderr
+        assert not (tmp_path / "store.partial").exists()
 
 
 def test_an_existing_folder_is_never_overwritten(tmp_path, store):
