@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from mae.data import CorruptDatasetError, DatasetNotFoundError
 from mae.engine import PretrainCallback, load_model, pretrain, summarize_history
 from mae.probe import quick_probe, quick_probe_splits
 from ray_jobs import cluster
+from ray_jobs.scratch import worker_scratch
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,8 @@ class RayReportCallback(PretrainCallback):
         metrics = {**metrics, "start_epoch": self.start_epoch, "world_size": self.world_size}
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         # Ray names the stored folder like ours, so `mae` tools read it as is. Once Ray has
-        # stored it, the worker's copy goes: a worker Ray kills (an early-stopped trial, a
-        # failure) never cleans its temporary run folder, and a ViT-B checkpoint is 1.3 GB (112 M
-        # parameters, their two AdamW moments, float32).
+        # stored it, the worker's copy goes at once, not when its scratch folder does: a ViT-B
+        # checkpoint is 1.3 GB (112 M parameters, their two AdamW moments, float32).
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:04d}" if checkpoint else None,
                          delete_local_checkpoint_after_upload=checkpoint is not None)
@@ -107,7 +106,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
         resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
-        run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"mae-rank{rank}-"))
+        run_dir = stack.enter_context(worker_scratch(f"pretrain-rank{rank}"))
         callback = RayReportCallback(rank, world_size, checkpoint_epoch(checkpoint), fault)
         pretrain(cfg, run_dir, callback=callback, resume_from=resume_from, device=device)
 

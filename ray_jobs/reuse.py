@@ -34,7 +34,6 @@ import json
 import logging
 import shlex
 import sys
-import tempfile
 import time
 import traceback
 import uuid
@@ -62,6 +61,7 @@ from mae.files import write_text_atomic
 from ray_jobs import cluster
 from ray_jobs.pretrain import FaultInjection, RayReportCallback, checkpoint_epoch
 from ray_jobs.results import UnreadableTableError, locked, read_table, write_table_atomic
+from ray_jobs.scratch import worker_scratch
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     classifier = None
     with contextlib.ExitStack() as stack:
         resume_from = stack.enter_context(resume.as_directory()) if start_epoch else None
-        run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"mae-{loop_config['kind']}-rank{rank}-"))
+        run_dir = stack.enter_context(worker_scratch(f"{loop_config['kind']}-rank{rank}"))
         report = RayReportCallback(rank, world_size, start_epoch, fault)
         if loop_config["kind"] == "probe":
             encoder = load_encoder(build_model(cfg), checkpoint)
@@ -224,15 +224,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "final_train_loss": history[-1]["train_loss"], "epochs_completed": len(history),
         "seconds": time.perf_counter() - t0, "world_size": world_size, "history": json.dumps(history), **extra,
     }
-    with tempfile.TemporaryDirectory(prefix="mae-reuse-") as tmp:
+    with worker_scratch(f"{loop_config['kind']}-result-rank{rank}") as result_scratch:
         report_checkpoint = None
         if rank == 0:
-            Path(tmp, RESULT_FILE).write_text(json.dumps(metrics, indent=2))
+            result_dir = result_scratch / RESULT_DIR  # a folder of its own: the scratch folder holds its lock file
+            result_dir.mkdir()
+            (result_dir / RESULT_FILE).write_text(json.dumps(metrics, indent=2))
             if classifier is not None:
                 torch.save({"model": classifier.state_dict(), "config": to_dict(cfg), "source": checkpoint},
-                           Path(tmp, CLASSIFIER_FILE))
-            report_checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=report_checkpoint, checkpoint_dir_name=RESULT_DIR)
+                           result_dir / CLASSIFIER_FILE)
+            report_checkpoint = Checkpoint.from_directory(str(result_dir))
+        ray.train.report(metrics, checkpoint=report_checkpoint, checkpoint_dir_name=RESULT_DIR,
+                         delete_local_checkpoint_after_upload=report_checkpoint is not None)
 
 
 def run_target(job: Job, target: Target, storage: Path, run_id: str, workers: int,
