@@ -15,8 +15,9 @@ setup: $(VENV)/.installed dataset
 # takes there): say so before pip fails half-way.
 $(VENV)/.installed: pyproject.toml
 	@if [ "$$(uname -sm)" = "Linux x86_64" ] && ! ls -d $(VENV)/lib/python*/site-packages/torch >/dev/null 2>&1; then \
-		free_kb=$$(df -Pk $(dir $(abspath $(VENV))) | awk 'NR == 2 {print $$4}'); \
-		if [ "$${free_kb:-0}" -lt 7000000 ]; then \
+		at="$(abspath $(VENV))"; while [ ! -d "$$at" ]; do at=$$(dirname "$$at"); done; \
+		free_kb=$$(df -Pk "$$at" 2>/dev/null | awk 'NR == 2 {print $$4}'); \
+		if [ -n "$$free_kb" ] && [ "$$free_kb" -lt 7000000 ]; then \
 			echo "set-up needs about 7 GB free for $(VENV) (torch's CUDA build), and only $$((free_kb / 1048576)) GB are:"; \
 			echo "free some disk space (or set VENV to a folder on a larger disk) and run make again"; exit 1; \
 		fi; \

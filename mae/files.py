@@ -9,7 +9,6 @@ folder, a pre-decoded store) is removed by its writer's cleanup when interrupted
 import contextlib
 import os
 import signal
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -62,7 +61,12 @@ def cleanup_on_termination() -> Iterator[None]:
         return
 
     def stop(signum, frame):
-        print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        for sig in old:  # once: a second signal (a closed terminal often sends two) must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        try:  # not print(): the handler may run inside a print, and a closed terminal fails writes
+            os.write(2, f"stopped by {signal.Signals(signum).name}\n".encode())
+        except OSError:
+            pass
         raise SystemExit(128 + signum)
 
     old = {}

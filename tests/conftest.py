@@ -17,8 +17,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Everything the suite writes to the temporary folder goes into one of its own: pytest's tmp_path,
 # the Inductor cache, and the Ray jobs the tests start (their session logs, which Ray never
 # removes, and their workers' run folders) inherit TMPDIR. Removed at the end of a passing run;
-# kept after a failure, for its logs. Short, for Ray's socket paths (about 107 characters at most).
-SUITE_TMP = tempfile.mkdtemp(prefix="mt")
+# kept after a failure, for its logs. In /tmp, not under a TMPDIR given: Ray's socket paths below it
+# must stay within 107 characters.
+SUITE_TMP = tempfile.mkdtemp(prefix="mt", dir="/tmp" if os.path.isdir("/tmp") else None)
 os.environ["TMPDIR"] = SUITE_TMP
 tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 

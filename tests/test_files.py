@@ -19,6 +19,7 @@ def test_termination_handlers_are_restored_and_an_ignored_signal_stays_ignored()
             with pytest.raises(SystemExit) as stopped:
                 signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
             assert stopped.value.code == 128 + signal.SIGTERM  # as a shell reports a process killed by it
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # a second one cannot cut the cleanup short
         assert signal.getsignal(signal.SIGTERM) is term_before
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:

@@ -7,7 +7,6 @@ test runs a one-point sweep. All runs use experiments/smoke_sweep.yaml shrunk by
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -60,8 +59,8 @@ def resumed_sweep(tmp_path_factory):
     trial (one trial at a time), then resumed with --resume at two trials at a time:
     {"folder", "first": (proc, trials rows), "second": proc, "workers_tmp": what the workers left in TMPDIR}."""
     storage = tmp_path_factory.mktemp("results")
-    # The workers' temporary folders (and embedded Ray's) in a private TMPDIR, to see what a killed
-    # worker leaves behind; short, for Ray's socket paths.
+    # The workers' temporary folders (and embedded Ray's) in a TMPDIR of their own, to see what a
+    # killed worker leaves behind; in the suite's (conftest), which keeps it after a failure.
     tmp = Path(tempfile.mkdtemp(prefix="mt"))
     env = _env(TMPDIR=str(tmp))
     common = [*SWEEP, *TINY, "--storage", str(storage), "--name", "faulty", "--fail-at-epoch", "1"]
@@ -71,8 +70,7 @@ def resumed_sweep(tmp_path_factory):
     second = _run([*common, "--resume", "--max-concurrent", "2"], cwd=storage, env=env)
     workers_tmp = {"folders": sorted(p.name for p in tmp.glob("mae-*")),
                    "checkpoints": sorted(str(p.relative_to(tmp)) for p in tmp.glob("mae-*/**/*.pt"))}
-    yield {"folder": folder, "first": (first, first_rows), "second": second, "workers_tmp": workers_tmp}
-    shutil.rmtree(tmp, ignore_errors=True)
+    return {"folder": folder, "first": (first, first_rows), "second": second, "workers_tmp": workers_tmp}
 
 
 def _tables(folder: Path):
@@ -200,7 +198,7 @@ def ray_cluster():
     token = uuid.uuid4().hex
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing to drain: stop at once
-    temp_dir = tempfile.mkdtemp(prefix="ray")  # in the suite's short TMPDIR (conftest): Ray's socket paths have a length limit
+    temp_dir = tempfile.mkdtemp(prefix="ray")  # in the suite's TMPDIR (conftest), short for Ray's socket paths
     port, dashboard, agent = _free_port(), _free_port(), _free_port()
     # The job agent's HTTP port too: its default, 52365, is taken by any other Ray on the machine
     # (another test run's, an embedded one), and a node whose agent cannot bind it takes no jobs
@@ -225,8 +223,7 @@ def ray_cluster():
             os.killpg(head.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        head.wait(timeout=30)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.wait(timeout=30)  # temp_dir, with Ray's logs, goes with the suite's (kept after a failure)
 
 
 def test_ray_job_submit_runs_the_sweep_on_a_cluster(ray_cluster, tmp_path):
