@@ -26,6 +26,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `ray_jobs` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -95,6 +96,15 @@ def checkpoint_epoch(checkpoint: Checkpoint | None) -> int:
     return int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) else 0
 
 
+def local_folder(checkpoint: Checkpoint, scratch: Path) -> str:
+    """A local folder holding `checkpoint`: its own on a local file system; else a download into the
+    worker's scratch folder, which goes however the worker ends (`Checkpoint.as_directory`'s
+    download stays in /tmp when Ray kills the worker)."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory(str(scratch / "resume"))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Train worker: resume from Ray's checkpoint if any, then `mae.engine.pretrain`."""
     cfg = config_from_dict(loop_config["config"])
@@ -105,8 +115,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
-        resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
         run_dir = stack.enter_context(worker_scratch(f"pretrain-rank{rank}"))
+        resume_from = local_folder(checkpoint, run_dir) if checkpoint else None
         callback = RayReportCallback(rank, world_size, checkpoint_epoch(checkpoint), fault)
         pretrain(cfg, run_dir, callback=callback, resume_from=resume_from, device=device)
 

@@ -59,7 +59,7 @@ from mae.config import (
 from mae.data import CorruptDatasetError, DatasetNotFoundError
 from mae.files import write_text_atomic
 from ray_jobs import cluster
-from ray_jobs.pretrain import FaultInjection, RayReportCallback, checkpoint_epoch
+from ray_jobs.pretrain import FaultInjection, RayReportCallback, checkpoint_epoch, local_folder
 from ray_jobs.results import UnreadableTableError, locked, read_table, write_table_atomic
 from ray_jobs.scratch import worker_scratch
 
@@ -202,8 +202,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     extra: dict[str, Any] = {"start_epoch": start_epoch}
     classifier = None
     with contextlib.ExitStack() as stack:
-        resume_from = stack.enter_context(resume.as_directory()) if start_epoch else None
         run_dir = stack.enter_context(worker_scratch(f"{loop_config['kind']}-rank{rank}"))
+        resume_from = local_folder(resume, run_dir) if start_epoch else None
         report = RayReportCallback(rank, world_size, start_epoch, fault)
         if loop_config["kind"] == "probe":
             encoder = load_encoder(build_model(cfg), checkpoint)

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "mae-worker-"
 LOCK = ".owner.lock"
+SETUP_S = 60.0  # a folder without its lock this long after its last change was abandoned being set up
 
 
 @contextlib.contextmanager
@@ -43,26 +45,45 @@ def worker_scratch(name: str, root: str | os.PathLike | None = None) -> Iterator
         os.close(fd)
 
 
-def remove_abandoned(root: Path) -> list[Path]:
+def remove_abandoned(root: Path, setup_s: float = SETUP_S) -> list[Path]:
     """Remove root's worker folders whose owner is dead (their lock can be taken); the removed ones.
-    A folder still being set up has no lock file under its final name yet, and is left alone."""
+
+    A folder with no lock file under its final name is being set up, or was abandoned while
+    being set up (or while being removed): it goes once it is `setup_s` old and no process
+    holds its lock. A folder whose owner removed it meanwhile (a normal end) is not counted."""
     import fcntl
 
     removed = []
     for folder in sorted(root.glob(f"{PREFIX}*")):
+        lock, set_up = folder / LOCK, (folder / LOCK).exists()
+        if not set_up:
+            try:
+                if time.time() - folder.stat().st_mtime < setup_s:
+                    continue
+            except OSError:  # just removed
+                continue
+            lock = folder / f"{LOCK}.new"
         try:
-            fd = os.open(folder / LOCK, os.O_RDWR)
-        except OSError:  # being set up, or just removed
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            if set_up:  # its owner removed it as it ended
+                continue
+            fd = None  # abandoned before its lock file was made: nothing to wait for
+        except OSError:  # not ours to open (another user's)
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not lock.exists():  # its owner removed the folder as it ended, then let go
+                    continue
         except OSError:  # its worker is alive
-            pass
+            continue
         else:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
     if removed:
         log.warning("removed %d scratch folder(s) left in %s by killed Train workers: %s", len(removed), root,
                     ", ".join(p.name for p in removed))

@@ -24,7 +24,7 @@ SMOKE_SWEEP = REPO / "experiments" / "smoke_sweep.yaml"
 def test_ray_jobs_planning_modules_do_not_import_ray():
     import subprocess
 
-    code = "import sys; import ray_jobs.space, ray_jobs.results; sys.exit('ray' in sys.modules)"
+    code = "import sys; import ray_jobs.space, ray_jobs.results, ray_jobs.scratch; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
@@ -610,3 +610,23 @@ def test_on_a_cluster_a_dataset_missing_on_this_node_is_only_a_warning(tmp_path,
     with caplog.at_level("WARNING"):
         cluster.check_dataset_here([cfg], "10.0.0.1:6379", ("train",))  # the head may lack the workers' data mount
     assert "elsewhere" in caplog.text and "may have it" in caplog.text
+
+
+def test_a_remote_checkpoint_is_downloaded_into_the_workers_scratch_folder(tmp_path):
+    """Ray's own download folder (Checkpoint.as_directory) stays in /tmp when Ray kills the worker;
+    the scratch folder is removed by the next worker (ray_jobs.scratch)."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from ray_jobs.pretrain import local_folder
+
+    (tmp_path / "bucket" / "checkpoint-0003").mkdir(parents=True)
+    (tmp_path / "bucket" / "checkpoint-0003" / "checkpoint.pt").write_bytes(b"weights")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    local = Checkpoint(str(tmp_path / "bucket" / "checkpoint-0003"))
+    assert local_folder(local, scratch) == local.path  # read in place, no copy
+    remote = Checkpoint("checkpoint-0003", pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"),
+                                                                         pyarrow.fs.LocalFileSystem()))
+    folder = Path(local_folder(remote, scratch))
+    assert folder.parent == scratch and (folder / "checkpoint.pt").read_bytes() == b"weights"

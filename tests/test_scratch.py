@@ -1,8 +1,10 @@
 """ray_jobs.scratch: a Train worker's scratch folder goes when the worker does, however it ends."""
 
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ray_jobs is a folder of scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from ray_jobs.scratch import LOCK, remove_abandoned, worker_scratch  # noqa: E402
+from ray_jobs.scratch import LOCK, SETUP_S, remove_abandoned, worker_scratch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock: POSIX, as Ray Train workers are")
 
@@ -61,3 +63,18 @@ def test_a_killed_workers_folder_is_removed_by_the_next_worker_and_a_live_ones_i
         alive.kill()
         alive.wait(timeout=30)
     assert remove_abandoned(tmp_path) == [alive_folder]
+
+
+def test_a_folder_abandoned_while_being_set_up_goes_once_old(tmp_path):
+    """Killed between mkdtemp and its lock's rename (or while removing its folder): no final lock
+    file. Such a folder is left alone while it could still be setting up, then removed."""
+    fresh, stale, stale_bare = (tmp_path / f"mae-worker-pretrain-rank0-{x}" for x in ("fresh", "stale", "bare"))
+    for folder in (fresh, stale, stale_bare):
+        folder.mkdir()
+    for folder in (fresh, stale):
+        (folder / f"{LOCK}.new").write_text("")
+    old = time.time() - SETUP_S - 5
+    for folder in (stale, stale_bare):
+        os.utime(folder, (old, old))
+    assert sorted(remove_abandoned(tmp_path)) == sorted([stale, stale_bare])
+    assert fresh.exists()
