@@ -18,17 +18,25 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # the Inductor cache, and the Ray jobs the tests start (their session logs, which Ray never
 # removes, and their workers' run folders) inherit TMPDIR. Removed at the end of a passing run;
 # kept after a failure, for its logs. In /tmp, not under a TMPDIR given: Ray's socket paths below it
-# must stay within 107 characters.
-SUITE_TMP = tempfile.mkdtemp(prefix="mt", dir="/tmp" if os.path.isdir("/tmp") else None)
-os.environ["TMPDIR"] = SUITE_TMP
-tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+# must stay within 107 characters. Made in a hook, not on import: this module is imported again
+# as `tests.conftest` by test modules, and by the Ray workers that run their functions.
+_suite_tmp: str | None = None
+
+
+def pytest_configure(config):
+    global _suite_tmp
+    _suite_tmp = tempfile.mkdtemp(prefix="mt", dir="/tmp" if os.path.isdir("/tmp") else None)
+    os.environ["TMPDIR"] = _suite_tmp
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if _suite_tmp is None:
+        return
     if exitstatus == 0:
-        shutil.rmtree(SUITE_TMP, ignore_errors=True)
+        shutil.rmtree(_suite_tmp, ignore_errors=True)
     else:
-        sys.stderr.write(f"\nthe tests' temporary files (Ray's logs among them) are kept in {SUITE_TMP}\n")
+        sys.stderr.write(f"\nthe tests' temporary files (Ray's logs among them) are kept in {_suite_tmp}\n")
 
 
 @pytest.fixture(scope="session")
