@@ -12,7 +12,6 @@ The sweep driver (`sweep.py`) builds one of these trainers per trial.
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -114,8 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
-    with contextlib.ExitStack() as stack:
-        run_dir = stack.enter_context(worker_scratch(f"pretrain-rank{rank}"))
+    with worker_scratch(f"pretrain-rank{rank}") as run_dir:
         resume_from = local_folder(checkpoint, run_dir) if checkpoint else None
         callback = RayReportCallback(rank, world_size, checkpoint_epoch(checkpoint), fault)
         pretrain(cfg, run_dir, callback=callback, resume_from=resume_from, device=device)

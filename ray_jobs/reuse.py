@@ -27,7 +27,6 @@
 """
 
 import argparse
-import contextlib
 import datetime
 import hashlib
 import json
@@ -201,8 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     extra: dict[str, Any] = {"start_epoch": start_epoch}
     classifier = None
-    with contextlib.ExitStack() as stack:
-        run_dir = stack.enter_context(worker_scratch(f"{loop_config['kind']}-rank{rank}"))
+    with worker_scratch(f"{loop_config['kind']}-rank{rank}") as run_dir:
         resume_from = local_folder(resume, run_dir) if start_epoch else None
         report = RayReportCallback(rank, world_size, start_epoch, fault)
         if loop_config["kind"] == "probe":
@@ -218,16 +216,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                               resume_from=resume_from)
             classifier = result.model
             extra |= {"init": result.init, "images_per_sec": result.images_per_sec}
-    history = result.epochs
-    metrics = {
-        "top1": result.top1, "best_top1": max(h["test_top1"] for h in history), "test_images": result.test_images,
-        "final_train_loss": history[-1]["train_loss"], "epochs_completed": len(history),
-        "seconds": time.perf_counter() - t0, "world_size": world_size, "history": json.dumps(history), **extra,
-    }
-    with worker_scratch(f"{loop_config['kind']}-result-rank{rank}") as result_scratch:
+        history = result.epochs
+        metrics = {
+            "top1": result.top1, "best_top1": max(h["test_top1"] for h in history), "test_images": result.test_images,
+            "final_train_loss": history[-1]["train_loss"], "epochs_completed": len(history),
+            "seconds": time.perf_counter() - t0, "world_size": world_size, "history": json.dumps(history), **extra,
+        }
         report_checkpoint = None
         if rank == 0:
-            result_dir = result_scratch / RESULT_DIR  # a folder of its own: the scratch folder holds its lock file
+            result_dir = run_dir / RESULT_DIR  # a folder of its own: the scratch folder holds its lock file
             result_dir.mkdir()
             (result_dir / RESULT_FILE).write_text(json.dumps(metrics, indent=2))
             if classifier is not None:
