@@ -31,9 +31,8 @@ from mae.models import build_mae
 from mae.predecoded import PackedBatch, PredecodedImages, collate_packed, write_store
 from mae.finetune import finetune
 from mae.probe import linear_probe, quick_probe
+from tests.conftest import REPO
 from tests.test_device_input import folder_cfg, make_folder
-
-REPO = Path(__file__).resolve().parents[1]
 
 # make_folder's files in ImageFolder order: (class, name, (H, W)); None: unreadable
 FILES = [(0, "a/0.jpg", (60, 80)), (0, "a/1.jpg", (60, 80)), (0, "a/photo.bmp", (40, 30)),

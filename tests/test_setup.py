@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif((platform.system(), platform.machine()) != ("Linux", "x86_64"),
                                 reason="the check is for Linux x86_64, where pip takes torch's CUDA build")
