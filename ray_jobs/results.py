@@ -59,8 +59,8 @@ TRIAL_COLUMNS: list[Column] = [
     Column("best_epoch", pa.int64(), "epoch (1-based) of best_train_loss"),
     Column("epochs_completed", pa.int64(), "epochs trained, over all attempts"),
     Column("resumed_from_epoch", pa.int64(), "epoch the attempt that wrote the final checkpoint resumed from (0: it started fresh)"),
-    Column("checkpoint_path", pa.string(), "final checkpoint folder, or a STOPPED trial's last one (null for it "
-                                           "with URI --storage); with URI --storage a URI (fetch it first, "
+    Column("checkpoint_path", pa.string(), "final checkpoint folder, or a STOPPED trial's last one that Ray "
+                                           "registered (null if none); with URI --storage a URI (fetch it first, "
                                            "e.g. ray.train.Checkpoint(uri).to_directory()); load with "
                                            "mae.engine.load_model"),
     Column("train_time_s", pa.float64(), "sum of epoch times over all attempts"),

@@ -27,13 +27,13 @@ import pyarrow.fs as pafs
 import ray
 import yaml
 from ray import tune
+from ray.train import Result
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 import mae
-from mae.checkpoint import latest_checkpoint
 from mae.config import (
     EXECUTION_KEYS, ConfigError, ExperimentConfig, config_from_dict, flatten, load_config, parse_override, replace,
     to_dict,
@@ -42,7 +42,7 @@ from mae.data import CorruptDatasetError, DatasetNotFoundError
 from mae.files import write_text_atomic
 from mae.probe import quick_probe_splits
 from ray_jobs import cluster, results
-from ray_jobs.pretrain import FaultInjection, fit_and_probe, resolve_storage
+from ray_jobs.pretrain import FaultInjection, checkpoint_location, fit_and_probe, resolve_storage
 from ray_jobs.space import Choice, Dimension, Range, seeded_repeats, validate_experiment
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], options: dict[str, A
     out["train_loss"] = out.get("final_train_loss")  # what a scheduler (ASHA) watches
     out["history_json"] = json.dumps(history)
     tune.report(out)
+
+
+# Ray Train's logger that announces, at INFO, each run snapshot it reads
+CHECKPOINT_MANAGER_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
 
 
 def train_run_name(trial_id: str) -> str:
@@ -157,11 +161,23 @@ class ParquetCallback(tune.Callback):
             signal.raise_signal(signal.SIGINT)
 
     def _last_checkpoint(self, trial_id: str) -> str | None:
-        """The newest checkpoint of a stopped trial's Train run (local storage; None with a URI)."""
-        if results.is_uri(self.folder):
+        """The newest checkpoint Ray registered for a stopped trial's Train run, or None.
+
+        Registered, not merely present: a checkpoint folder is registered once Ray has copied
+        it whole into storage, and the stop may have cut a copy short, leaving a folder whose
+        checkpoint.pt is truncated. Ray's run snapshot (Result.from_path) lists the registered ones."""
+        run = f"{self.folder.rstrip('/')}/{train_run_name(trial_id)}"
+        quiet = logging.getLogger(CHECKPOINT_MANAGER_LOGGER)  # it would suggest starting a new run
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            checkpoint = Result.from_path(run).checkpoint
+        except (RuntimeError, OSError, ValueError) as e:  # no snapshot yet: stopped before its first checkpoint
+            log.info("trial %s: no registered checkpoint in %s (%s)", trial_id, run, e)
             return None
-        last = latest_checkpoint(Path(self.folder) / train_run_name(trial_id))
-        return str(last) if last is not None else None
+        finally:
+            quiet.setLevel(level)
+        return checkpoint_location(checkpoint, self.folder) if checkpoint is not None else None
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = trial.get_error()

@@ -414,7 +414,9 @@ def test_a_grids_repeats_each_get_their_own_seed():
         seeded_repeats(replace(cfg, {"sweep.space": {"train.seed": [0, 1]}}))
 
 
-def test_a_stopped_trial_records_the_last_checkpoint_its_train_run_wrote(tmp_path):
+def test_a_stopped_trial_records_no_checkpoint_when_ray_registered_none(tmp_path):
+    """Checkpoint folders that Ray never registered (copies cut short by the stop) are not
+    checkpoints: the row's checkpoint_path stays null. A registered one: test_ray_sweep.py."""
     import types
 
     from mae.checkpoint import CHECKPOINT_FILE
@@ -424,14 +426,13 @@ def test_a_stopped_trial_records_the_last_checkpoint_its_train_run_wrote(tmp_pat
     for name in ("checkpoint-0001", "checkpoint-0002"):
         (run / name).mkdir(parents=True)
         (run / name / CHECKPOINT_FILE).write_bytes(b"")
-    (run / "checkpoint-0003").mkdir()  # cut short before its file: not a checkpoint
     callback = sweep.ParquetCallback(str(tmp_path), load_config(SMOKE_SWEEP), "git:abc")
     trial = types.SimpleNamespace(trial_id="t0", config={"mask.ratio": 0.5}, last_result={"epoch": 2})
     callback.on_trial_start(0, [], trial)
     callback.on_trial_result(0, [], trial, {"epoch": 2, "train_loss": 0.9})
     callback.on_trial_complete(0, [], trial)  # its last report has no probe: ASHA stopped it
     row = pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist()[0]
-    assert row["status"] == "STOPPED" and row["checkpoint_path"] == str(run / "checkpoint-0002")
+    assert row["status"] == "STOPPED" and row["checkpoint_path"] is None
     assert row["final_train_loss"] == 0.9
 
 
