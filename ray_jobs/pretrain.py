@@ -154,9 +154,11 @@ def build_trainer(cfg: ExperimentConfig, name: str, storage_path: str, scaling: 
 
 def _probe(checkpoint: Checkpoint, threads: int, use_gpu: bool) -> dict[str, Any]:
     """Load the final checkpoint with mae and quick-probe its frozen encoder, on the GPU Ray gave
-    the task if it asked for one: Ray 2.60 shows every GPU to a task that asked for none."""
+    the task if it asked for one: Ray 2.60 shows every GPU to a task that asked for none. A remote
+    checkpoint is downloaded into a scratch folder, as a Train worker's is (`local_folder`)."""
     torch.set_num_threads(max(1, threads))
-    with checkpoint.as_directory() as folder:
+    with worker_scratch("probe") as scratch:
+        folder = local_folder(checkpoint, scratch)
         model, cfg = load_model(folder)
         history = list(load_checkpoint(folder).get("history", []))
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"

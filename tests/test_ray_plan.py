@@ -631,3 +631,37 @@ def test_a_remote_checkpoint_is_downloaded_into_the_workers_scratch_folder(tmp_p
                                                                          pyarrow.fs.LocalFileSystem()))
     folder = Path(local_folder(remote, scratch))
     assert folder.parent == scratch and (folder / "checkpoint.pt").read_bytes() == b"weights"
+
+
+def test_the_probe_task_reads_a_remote_checkpoint_from_a_scratch_folder_and_removes_it(tmp_path, monkeypatch):
+    """Like a Train worker's, the probe task's download is in a scratch folder (ray_jobs.scratch),
+    which the next worker on the node removes if Ray kills the task."""
+    import tempfile
+
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from mae.checkpoint import save_checkpoint
+    from mae.config import to_dict
+    from mae.engine import build_model
+    from ray_jobs import pretrain
+
+    cfg = load_config(SMOKE_SWEEP)
+    save_checkpoint(tmp_path / "bucket" / "checkpoint-0002",
+                    {"model": build_model(cfg).state_dict(), "config": to_dict(cfg), "history": [{"epoch": 2}]})
+    remote = Checkpoint("checkpoint-0002", pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"),
+                                                                         pyarrow.fs.LocalFileSystem()))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    read_from, load_model = [], pretrain.load_model
+
+    def loading(folder):
+        read_from.append(Path(folder).relative_to(tmp))  # ValueError if not in the temporary folder
+        return load_model(folder)
+
+    monkeypatch.setattr(pretrain, "load_model", loading)
+    monkeypatch.setattr(pretrain, "quick_probe", lambda model, probe_cfg, device: {"probe_top1": 0.5})
+    assert pretrain._probe(remote, threads=1, use_gpu=False) == {"probe_top1": 0.5, "history": [{"epoch": 2}]}
+    assert len(read_from) == 1 and read_from[0].parts[0].startswith("mae-worker-probe-")
+    assert list(tmp.iterdir()) == []  # removed once loaded
