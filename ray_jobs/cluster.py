@@ -10,9 +10,11 @@ Two ways to run:
 - cluster (`ray job submit`, which sets RAY_ADDRESS, or `--address`): connect with no
   resource arguments. Start the head with a trial_driver resource:
 
-      ray start --head --dashboard-host 127.0.0.1 --resources='{"trial_driver": 4}'
+      RAY_AUTH_MODE=token ray start --head --dashboard-host 127.0.0.1 --disable-usage-stats \
+          --resources='{"trial_driver": 4}'
 
-  Without it, trial drivers fall back to a small CPU fraction (see `trial_resources`).
+  (after `ray get-auth-token --generate`: `ray start`, unlike ray.init, leaves token
+  authentication off unless asked or a token exists; ray_jobs/README.md). Without it, trial drivers fall back to a small CPU fraction (see `trial_resources`).
 
 Why a custom resource: a Tune trial here is a driver that does no heavy work; it starts a
 TorchTrainer whose workers hold the CPUs/GPUs. If each driver took a whole CPU, two

@@ -233,7 +233,7 @@ def ray_cluster():
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-         "--num-cpus=2",
+         "--disable-usage-stats", "--num-cpus=2",
          "--resources=" + json.dumps({"trial_driver": 2}), f"--temp-dir={temp_dir}"],
         env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
