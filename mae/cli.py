@@ -23,6 +23,7 @@ from mae.files import cleanup_on_termination, write_text_atomic
 
 log = logging.getLogger("mae")
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # PIL writes each by its name
 USER_ERRORS = (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError, FloatingPointError)
 
 
@@ -155,6 +156,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1 (test images to show), got {args.num}")
+    if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(f"--out {args.out}: give an image file name ending in one of {', '.join(IMAGE_SUFFIXES)}, "
+                          "e.g. reconstructions.png")
     if args.mask_ratio is not None:  # checked as mask.ratio is: in (0, 1), at least one patch visible
         args.overrides = [*args.overrides, f"mask.ratio={args.mask_ratio}"]
     cfg, payload = _checkpoint_config(args)
@@ -188,6 +192,8 @@ def cmd_predecode(args: argparse.Namespace) -> int:
         raise ConfigError(f"--short-side must be >= 0 (0: keep full size), got {args.short_side}")
     source = imagefolder_root(cfg, "train")
     workers = args.workers if args.workers is not None else cfg.data.num_workers
+    if workers < 0:
+        raise ConfigError(f"--workers must be >= 0 (0: decode in this process), got {workers}")
     log.info("decoding %s into %s (shorter side <= %s, %d workers)", source, cfg.data.predecoded_dir,
              args.short_side or "full size", workers)
     try:

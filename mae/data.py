@@ -86,6 +86,9 @@ def read_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
     if zero != 0 or dtype_code != 0x08:
         raise CorruptDatasetError(f"{source} is not a uint8 IDX file (bad magic)")
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise CorruptDatasetError(f"{source} is truncated ({len(data)} bytes, inside its {header}-byte header); "
+                                  "reinstall or re-download it")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     expected = int(np.prod(shape))
     if len(data) - header != expected:

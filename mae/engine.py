@@ -493,7 +493,24 @@ def load_model(path: str | Path, **overrides: Any) -> tuple[MaskedAutoencoderViT
 
 
 def model_with_weights(cfg: ExperimentConfig, payload: dict[str, Any]) -> MaskedAutoencoderViT:
-    """The model `cfg` describes, with the weights of a loaded checkpoint (strict)."""
+    """The model `cfg` describes, with the weights of a loaded checkpoint (strict).
+
+    CheckpointError if they do not fit: a `--set model.*` (or an override) that changes the
+    architecture the checkpoint was trained with."""
     model = build_model(cfg)
-    model.load_state_dict(model_state(payload), strict=True)
+    try:
+        model.load_state_dict(model_state(payload), strict=True)
+    except RuntimeError as e:
+        try:
+            saved = resolved_model_args(config_from_dict(payload["config"]))
+        except (KeyError, TypeError, ConfigError):  # no config of ours: nothing to compare with
+            saved = {}
+        wanted = resolved_model_args(cfg)
+        changed = [f"{k} {v} (the checkpoint's: {saved[k]})" for k, v in wanted.items() if k in saved and saved[k] != v]
+        if changed:
+            raise CheckpointError(f"the checkpoint's weights do not fit the model asked for, which has "
+                                  f"{', '.join(changed)}: drop the model.* values that change it (a checkpoint "
+                                  "fixes its model's architecture)") from e
+        raise CheckpointError(f"the checkpoint's weights do not fit the model its config builds: "
+                              f"{str(e).splitlines()[0]}") from e
     return model

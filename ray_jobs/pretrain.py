@@ -40,6 +40,7 @@ from mae.engine import PretrainCallback, load_model, pretrain, summarize_history
 from mae.probe import quick_probe, quick_probe_splits
 from ray_jobs import cluster
 from ray_jobs.scratch import worker_scratch
+from ray_jobs.space import check_worker_resources
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-probe", action="store_true", help="skip the quick probe")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
     overrides = list(args.overrides) + ([f"sweep.workers_per_trial={args.workers}"] if args.workers else [])
     try:
         cfg = cluster.absolute_data_dir(load_config(args.experiment, overrides))
+        check_worker_resources(cfg)
         cluster.check_dataset_here([cfg], args.address, ("train",) if args.no_probe else quick_probe_splits(cfg))
     except (ConfigError, DatasetNotFoundError, CorruptDatasetError) as e:
         print(f"error: {e}", file=sys.stderr)

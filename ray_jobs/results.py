@@ -22,6 +22,7 @@ import time
 import types
 import typing
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,14 +141,25 @@ def join(folder: str, name: str) -> str:
     return f"{folder.rstrip('/')}/{name}"
 
 
+def write_uri_atomic(uri: str, write: Callable[[Any], None]) -> None:
+    """`write(stream)` into a temporary object beside `uri`, then move it into place: a kill or an
+    error mid-write leaves the old object whole."""
+    fs, fs_path = pafs.FileSystem.from_uri(uri)
+    tmp = f"{fs_path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp) as out:
+            write(out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
+    fs.move(tmp, fs_path)  # object stores: copy + delete, readers still never see a partial file
+
+
 def write_table_atomic(table: pa.Table, path: str) -> None:
     """Write Parquet to a temporary name beside `path`, then rename it into place."""
     if is_uri(path):
-        fs, fs_path = pafs.FileSystem.from_uri(path)
-        tmp = f"{fs_path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as out:
-            pq.write_table(table, out)
-        fs.move(tmp, fs_path)  # object stores: copy + delete, readers still never see a partial file
+        write_uri_atomic(path, lambda out: pq.write_table(table, out))
         return
     with replaced_atomically(Path(path)) as tmp:
         pq.write_table(table, tmp)

@@ -61,6 +61,7 @@ from ray_jobs import cluster
 from ray_jobs.pretrain import FaultInjection, RayReportCallback, checkpoint_epoch, local_folder
 from ray_jobs.results import UnreadableTableError, locked, read_table, write_table_atomic
 from ray_jobs.scratch import worker_scratch
+from ray_jobs.space import check_worker_resources
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +432,8 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
         args = build_parser(job, description).parse_args(argv)
     try:
         folder, targets = choose(args)
+        for target in targets:
+            check_worker_resources(target.cfg)
         cluster.check_dataset_here([t.cfg for t in targets], args.address, ("train", "test"))
         table = RunTable(job, folder)  # the earlier runs' rows; a table it cannot read stops us here
     except (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDatasetError, UnreadableTableError) as e:

@@ -179,6 +179,20 @@ def validate_experiment(cfg: ExperimentConfig) -> list[Dimension]:
     return dims
 
 
+def check_worker_resources(cfg: ExperimentConfig) -> None:
+    """What every Ray job needs of the sweep section's worker sizing (pretrain.py and the reuse
+    jobs too, which round a GPU share up to a whole GPU where a sweep refuses it)."""
+    s = cfg.sweep
+    if s.workers_per_trial < 1:
+        raise ConfigError(f"sweep.workers_per_trial must be >= 1, got {s.workers_per_trial}")
+    if s.cpus_per_worker <= 0:
+        raise ConfigError(f"sweep.cpus_per_worker must be positive, got {s.cpus_per_worker}")
+    if s.gpus_per_worker < 0:
+        raise ConfigError(f"sweep.gpus_per_worker must be >= 0, got {s.gpus_per_worker}")
+    if s.max_failures < -1:
+        raise ConfigError(f"sweep.max_failures must be >= 0 (or -1: retry forever), got {s.max_failures}")
+
+
 def check_sizing(cfg: ExperimentConfig) -> None:
     """A known objective, and per-worker resources Ray can place (GPU fractions: one-worker trials)."""
     s = cfg.sweep
@@ -187,14 +201,9 @@ def check_sizing(cfg: ExperimentConfig) -> None:
     best = "min" if lower_is_better(s.metric) else "max"
     if s.mode != best:
         raise ConfigError(f"sweep.mode {s.mode!r} would search for the worst {s.metric}: set sweep.mode: {best}")
-    if s.workers_per_trial < 1:
-        raise ConfigError(f"sweep.workers_per_trial must be >= 1, got {s.workers_per_trial}")
-    if s.cpus_per_worker <= 0:
-        raise ConfigError(f"sweep.cpus_per_worker must be positive, got {s.cpus_per_worker}")
-    if s.max_failures < -1:
-        raise ConfigError(f"sweep.max_failures must be >= 0 (or -1: retry forever), got {s.max_failures}")
+    check_worker_resources(cfg)
     g = s.gpus_per_worker
-    if g < 0 or g > 1:
+    if g > 1:
         raise ConfigError(
             f"sweep.gpus_per_worker must be between 0 and 1, got {g}: a Train worker (one DDP process) drives "
             "one GPU, and the rest of its share would sit idle; for more GPUs per trial raise "

@@ -346,12 +346,11 @@ def _exists(path: str) -> bool:
 
 
 def _write_text(path: str, text: str) -> None:
+    # a kill mid-write leaves no half file for --resume to trip on
     if results.is_uri(path):
-        fs, fs_path = pafs.FileSystem.from_uri(path)
-        with fs.open_output_stream(fs_path) as f:
-            f.write(text.encode())
-        return
-    write_text_atomic(text, Path(path))  # a kill mid-write leaves no half file for --resume to trip on
+        results.write_uri_atomic(path, lambda out: out.write(text.encode()))
+    else:
+        write_text_atomic(text, Path(path))
 
 
 def write_experiment(path: str, cfg: ExperimentConfig) -> None:

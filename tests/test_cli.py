@@ -92,6 +92,8 @@ def test_reconstruct_writes_a_four_column_grid(smoke_run, tmp_path):
     (["--mask-ratio", "1.5"], "mask.ratio: must be in"),
     (["--mask-ratio", "0.999"], "leaves no visible patch"),
     (["--num", "0"], "--num must be >= 1"),
+    (["--out", "recon"], "give an image file name ending in one of .png"),
+    (["--set", "model.decoder_depth=3"], "decoder_depth 3 (the checkpoint's: 2): drop the model.* values"),
 ])
 def test_reconstruct_refuses_bad_arguments(smoke_run, tmp_path, capsys, argv, message):
     import mae.cli
@@ -99,7 +101,19 @@ def test_reconstruct_refuses_bad_arguments(smoke_run, tmp_path, capsys, argv, me
     out = tmp_path / "r.png"
     assert mae.cli.main(["reconstruct", "--checkpoint", str(smoke_run / "checkpoint-0001"), "--out", str(out),
                          *argv]) == 2
-    assert message in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_model_that_does_not_fit_the_weights_is_a_checkpoint_error(smoke_run):
+    from mae.checkpoint import CheckpointError, load_checkpoint
+    from mae.config import load_config
+    from mae.engine import model_with_weights
+
+    payload = load_checkpoint(smoke_run / "checkpoint-0001")
+    del payload["config"]  # nothing to compare the model with: load_state_dict's own first line
+    with pytest.raises(CheckpointError, match="do not fit the model its config builds: Error"):
+        model_with_weights(load_config(None, ["model.decoder_depth=3"]), payload)
 
 
 def test_reconstruct_skips_unreadable_images_and_runs_on_the_configured_device(tmp_path, monkeypatch):

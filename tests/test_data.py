@@ -41,6 +41,8 @@ def test_idx_reader_and_truncation(tmp_path):
     assert torch.allclose(ds[2][0][0] * 255, torch.from_numpy(imgs[2]).float())
     with pytest.raises(CorruptDatasetError, match="should hold"):
         read_idx(gzip.decompress((tmp_path / "train-images-idx3-ubyte.gz").read_bytes())[:-10])
+    with pytest.raises(CorruptDatasetError, match="inside its 16-byte header"):
+        read_idx(gzip.decompress((tmp_path / "train-images-idx3-ubyte.gz").read_bytes())[:7])
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(CorruptDatasetError, match="unreadable"):
         FashionMNIST(tmp_path, train=True)

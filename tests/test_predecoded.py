@@ -372,6 +372,8 @@ def test_cli_converts_and_refuses_to_overwrite(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["predecode", "--data-dir", str(src)]) == 2
     assert "give --out" in capsys.readouterr().err
+    assert main(["predecode", "--data-dir", str(src), "--out", str(tmp_path / "other"), "--workers", "-1"]) == 2
+    assert "--workers must be >= 0" in capsys.readouterr().err and not list(tmp_path.glob("other*"))
 
 
 @pytest.mark.gpu

@@ -65,6 +65,7 @@ def test_the_best_k_trials_are_chosen_by_the_objective(sweep_folder):
 @pytest.mark.parametrize("argv, message", [
     (["--metric", "no_such_column"], "no_such_column"),
     (["--top-k", "0"], "--top-k"),
+    (["--set", "sweep.cpus_per_worker=0"], "sweep.cpus_per_worker must be positive"),
 ])
 def test_bad_selection_is_refused_with_exit_status_2(sweep_folder, capsys, argv, message):
     assert reuse.main(reuse.PROBE, ["--sweep", str(sweep_folder), *argv], "") == 2  # before Ray starts

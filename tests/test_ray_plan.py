@@ -556,6 +556,22 @@ def test_a_missing_dataset_is_refused_before_ray_starts(tmp_path, capsys):
     assert not sweep.ray.is_initialized()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--workers", "-1"], "--workers must be >= 1, got -1"),
+    (["--set", "sweep.workers_per_trial=-1"], "sweep.workers_per_trial must be >= 1"),
+    (["--set", "sweep.cpus_per_worker=0"], "sweep.cpus_per_worker must be positive"),
+    (["--set", "sweep.gpus_per_worker=-0.5"], "sweep.gpus_per_worker must be >= 0"),
+    (["--set", "sweep.max_failures=-2"], "sweep.max_failures must be >= 0"),
+])
+def test_pretrain_job_refuses_bad_worker_sizing_before_ray_starts(tmp_path, capsys, argv, message):
+    from ray_jobs import pretrain
+
+    assert pretrain.main(["--experiment", str(SMOKE_SWEEP), "--storage", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not pretrain.ray.is_initialized()
+
+
 def test_a_resume_may_point_the_remaining_trials_at_a_moved_dataset(tmp_path, fashion_mnist_dir):
     import yaml
 
@@ -665,3 +681,24 @@ def test_the_probe_task_reads_a_remote_checkpoint_from_a_scratch_folder_and_remo
     assert pretrain._probe(remote, threads=1, use_gpu=False) == {"probe_top1": 0.5, "history": [{"epoch": 2}]}
     assert len(read_from) == 1 and read_from[0].parts[0].startswith("mae-worker-probe-")
     assert list(tmp.iterdir()) == []  # removed once loaded
+
+
+def test_a_write_to_uri_storage_that_fails_half_way_leaves_the_old_file_whole(tmp_path):
+    from ray_jobs import sweep
+
+    uri = f"file://{tmp_path}/experiment.yaml"
+    cfg = load_config(SMOKE_SWEEP)
+    sweep.write_experiment(uri, cfg)
+    before = (tmp_path / "experiment.yaml").read_bytes()
+    assert load_config(tmp_path / "experiment.yaml") == cfg
+
+    def half_then_killed(out):
+        out.write(before[: len(before) // 2])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        results.write_uri_atomic(uri, half_then_killed)
+    assert (tmp_path / "experiment.yaml").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["experiment.yaml"]  # its temporary object removed
+    sweep.write_experiment(uri, replace(cfg, {"mask.ratio": 0.5}))
+    assert load_config(tmp_path / "experiment.yaml").mask.ratio == 0.5
