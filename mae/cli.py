@@ -23,7 +23,6 @@ from mae.files import cleanup_on_termination, write_text_atomic
 
 log = logging.getLogger("mae")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # PIL writes each by its name
 USER_ERRORS = (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError, FloatingPointError)
 
 
@@ -149,6 +148,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _writable_image(path: str) -> bool:
+    """Whether PIL (which torchvision's save_image hands the grid to) can write a file of this name's suffix."""
+    from PIL import Image
+
+    Image.init()
+    return Image.registered_extensions().get(Path(path).suffix.lower()) in Image.SAVE
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from mae.data import build_dataset, normalization
     from mae.engine import model_with_weights, select_device
@@ -156,9 +163,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1 (test images to show), got {args.num}")
-    if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
-        raise ConfigError(f"--out {args.out}: give an image file name ending in one of {', '.join(IMAGE_SUFFIXES)}, "
-                          "e.g. reconstructions.png")
+    if not _writable_image(args.out):
+        raise ConfigError(f"--out {args.out}: give a file name with an image suffix PIL can write, e.g. "
+                          "reconstructions.png")
     if args.mask_ratio is not None:  # checked as mask.ratio is: in (0, 1), at least one patch visible
         args.overrides = [*args.overrides, f"mask.ratio={args.mask_ratio}"]
     cfg, payload = _checkpoint_config(args)

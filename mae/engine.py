@@ -492,6 +492,10 @@ def load_model(path: str | Path, **overrides: Any) -> tuple[MaskedAutoencoderViT
     return model_with_weights(cfg, payload), cfg
 
 
+# what sets the shapes of a model's weights (the heads' counts and the loss options do not)
+WEIGHT_SHAPE_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "decoder_embed_dim", "decoder_depth")
+
+
 def model_with_weights(cfg: ExperimentConfig, payload: dict[str, Any]) -> MaskedAutoencoderViT:
     """The model `cfg` describes, with the weights of a loaded checkpoint (strict).
 
@@ -506,11 +510,12 @@ def model_with_weights(cfg: ExperimentConfig, payload: dict[str, Any]) -> Masked
         except (KeyError, TypeError, ConfigError):  # no config of ours: nothing to compare with
             saved = {}
         wanted = resolved_model_args(cfg)
-        changed = [f"{k} {v} (the checkpoint's: {saved[k]})" for k, v in wanted.items() if k in saved and saved[k] != v]
+        changed = [f"{k} {wanted[k]} (the checkpoint's: {saved[k]})" for k in WEIGHT_SHAPE_KEYS
+                   if k in saved and k in wanted and saved[k] != wanted[k]]
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
         if changed:
             raise CheckpointError(f"the checkpoint's weights do not fit the model asked for, which has "
                                   f"{', '.join(changed)}: drop the model.* values that change it (a checkpoint "
-                                  "fixes its model's architecture)") from e
-        raise CheckpointError(f"the checkpoint's weights do not fit the model its config builds: "
-                              f"{str(e).splitlines()[0]}") from e
+                                  f"fixes its model's architecture). {detail}") from e
+        raise CheckpointError(f"the checkpoint's weights do not fit the model its config builds: {detail}") from e
     return model

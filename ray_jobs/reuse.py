@@ -433,7 +433,7 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
     try:
         folder, targets = choose(args)
         for target in targets:
-            check_worker_resources(target.cfg)
+            check_worker_resources(target.cfg, worker_count=False)  # --workers counts them
         cluster.check_dataset_here([t.cfg for t in targets], args.address, ("train", "test"))
         table = RunTable(job, folder)  # the earlier runs' rows; a table it cannot read stops us here
     except (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDatasetError, UnreadableTableError) as e:

@@ -179,11 +179,12 @@ def validate_experiment(cfg: ExperimentConfig) -> list[Dimension]:
     return dims
 
 
-def check_worker_resources(cfg: ExperimentConfig) -> None:
+def check_worker_resources(cfg: ExperimentConfig, worker_count: bool = True) -> None:
     """What every Ray job needs of the sweep section's worker sizing (pretrain.py and the reuse
-    jobs too, which round a GPU share up to a whole GPU where a sweep refuses it)."""
+    jobs too, which round a GPU share up to a whole GPU where a sweep refuses it). worker_count=False:
+    the job counts its workers otherwise (the reuse jobs' --workers)."""
     s = cfg.sweep
-    if s.workers_per_trial < 1:
+    if worker_count and s.workers_per_trial < 1:
         raise ConfigError(f"sweep.workers_per_trial must be >= 1, got {s.workers_per_trial}")
     if s.cpus_per_worker <= 0:
         raise ConfigError(f"sweep.cpus_per_worker must be positive, got {s.cpus_per_worker}")

@@ -172,8 +172,12 @@ class ParquetCallback(tune.Callback):
         quiet.setLevel(logging.WARNING)
         try:
             checkpoint = Result.from_path(run).checkpoint
-        except (RuntimeError, OSError, ValueError) as e:  # no snapshot yet: stopped before its first checkpoint
+        except RuntimeError as e:  # no snapshot: stopped before its first checkpoint
             log.info("trial %s: no registered checkpoint in %s (%s)", trial_id, run, e)
+            return None
+        except Exception as e:  # noqa: BLE001 - a snapshot Ray cannot read (cut short, another version): no row lost
+            log.warning("trial %s: Ray's record of its checkpoints in %s is unreadable (%s: %s); its row gets no "
+                        "checkpoint_path", trial_id, run, type(e).__name__, e)
             return None
         finally:
             quiet.setLevel(level)

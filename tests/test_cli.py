@@ -92,7 +92,8 @@ def test_reconstruct_writes_a_four_column_grid(smoke_run, tmp_path):
     (["--mask-ratio", "1.5"], "mask.ratio: must be in"),
     (["--mask-ratio", "0.999"], "leaves no visible patch"),
     (["--num", "0"], "--num must be >= 1"),
-    (["--out", "recon"], "give an image file name ending in one of .png"),
+    (["--out", "recon"], "give a file name with an image suffix PIL can write"),
+    (["--out", "recon.txt"], "give a file name with an image suffix PIL can write"),
     (["--set", "model.decoder_depth=3"], "decoder_depth 3 (the checkpoint's: 2): drop the model.* values"),
 ])
 def test_reconstruct_refuses_bad_arguments(smoke_run, tmp_path, capsys, argv, message):
@@ -105,15 +106,27 @@ def test_reconstruct_refuses_bad_arguments(smoke_run, tmp_path, capsys, argv, me
     assert message in err and "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
+def test_any_suffix_pil_writes_is_a_valid_reconstruct_out():
+    from mae.cli import _writable_image
+
+    assert all(_writable_image(f"r{suffix}") for suffix in (".png", ".PNG", ".jpg", ".gif", ".pdf", ".ppm", ".tiff"))
+    assert not any(_writable_image(name) for name in ("recon", "r.txt", "r.yaml", "r."))
+
+
 def test_a_model_that_does_not_fit_the_weights_is_a_checkpoint_error(smoke_run):
     from mae.checkpoint import CheckpointError, load_checkpoint
-    from mae.config import load_config
+    from mae.config import config_from_dict, replace
     from mae.engine import model_with_weights
 
     payload = load_checkpoint(smoke_run / "checkpoint-0001")
-    del payload["config"]  # nothing to compare the model with: load_state_dict's own first line
-    with pytest.raises(CheckpointError, match="do not fit the model its config builds: Error"):
-        model_with_weights(load_config(None, ["model.decoder_depth=3"]), payload)
+    cfg = config_from_dict(payload["config"])
+    extra = {**payload, "model": {**payload["model"], "extra.weight": torch.zeros(1)}}
+    other_loss = replace(cfg, {"model.norm_pix_loss": not cfg.model.norm_pix_loss})  # sets no weight's shape
+    with pytest.raises(CheckpointError, match='its config builds: Unexpected key.*"extra.weight"'):
+        model_with_weights(other_loss, extra)
+    deeper = replace(cfg, {"model.decoder_depth": 3})
+    with pytest.raises(CheckpointError, match="decoder_depth 3 .*: drop .*Missing key.*decoder_blocks.2"):
+        model_with_weights(deeper, payload)
 
 
 def test_reconstruct_skips_unreadable_images_and_runs_on_the_configured_device(tmp_path, monkeypatch):

@@ -414,9 +414,11 @@ def test_a_grids_repeats_each_get_their_own_seed():
         seeded_repeats(replace(cfg, {"sweep.space": {"train.seed": [0, 1]}}))
 
 
-def test_a_stopped_trial_records_no_checkpoint_when_ray_registered_none(tmp_path):
+@pytest.mark.parametrize("snapshot", [None, b'{"ray_version": "2.60.0", "checkpoint_res'])
+def test_a_stopped_trial_records_no_checkpoint_when_ray_registered_none(tmp_path, snapshot):
     """Checkpoint folders that Ray never registered (copies cut short by the stop) are not
-    checkpoints: the row's checkpoint_path stays null. A registered one: test_ray_sweep.py."""
+    checkpoints: the row's checkpoint_path stays null, and so it does when Ray's record of them is
+    cut short too; the row is still STOPPED. A registered one: test_ray_sweep.py."""
     import types
 
     from mae.checkpoint import CHECKPOINT_FILE
@@ -426,6 +428,8 @@ def test_a_stopped_trial_records_no_checkpoint_when_ray_registered_none(tmp_path
     for name in ("checkpoint-0001", "checkpoint-0002"):
         (run / name).mkdir(parents=True)
         (run / name / CHECKPOINT_FILE).write_bytes(b"")
+    if snapshot is not None:
+        (run / "checkpoint_manager_snapshot.json").write_bytes(snapshot)
     callback = sweep.ParquetCallback(str(tmp_path), load_config(SMOKE_SWEEP), "git:abc")
     trial = types.SimpleNamespace(trial_id="t0", config={"mask.ratio": 0.5}, last_result={"epoch": 2})
     callback.on_trial_start(0, [], trial)
@@ -556,6 +560,17 @@ def test_a_missing_dataset_is_refused_before_ray_starts(tmp_path, capsys):
     assert not sweep.ray.is_initialized()
 
 
+def test_the_reuse_jobs_leave_the_worker_count_to_their_own_flag():
+    from ray_jobs.space import check_worker_resources
+
+    cfg = load_config(SMOKE_SWEEP, ["sweep.workers_per_trial=0"])  # mae.config accepts it; a sweep does not
+    check_worker_resources(cfg, worker_count=False)
+    with pytest.raises(ConfigError, match="sweep.workers_per_trial must be >= 1"):
+        check_worker_resources(cfg)
+    with pytest.raises(ConfigError, match="sweep.cpus_per_worker"):
+        check_worker_resources(replace(cfg, {"sweep.cpus_per_worker": 0}), worker_count=False)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--workers", "0"], "--workers must be >= 1, got 0"),
     (["--workers", "-1"], "--workers must be >= 1, got -1"),
@@ -683,12 +698,16 @@ def test_the_probe_task_reads_a_remote_checkpoint_from_a_scratch_folder_and_remo
     assert list(tmp.iterdir()) == []  # removed once loaded
 
 
-def test_a_write_to_uri_storage_that_fails_half_way_leaves_the_old_file_whole(tmp_path):
+def test_a_write_to_uri_storage_that_fails_half_way_leaves_the_old_file_whole(tmp_path, monkeypatch):
     from ray_jobs import sweep
 
     uri = f"file://{tmp_path}/experiment.yaml"
     cfg = load_config(SMOKE_SWEEP)
+    atomic_writes = []
+    monkeypatch.setattr(results, "write_uri_atomic",
+                        lambda *a, write=results.write_uri_atomic: atomic_writes.append(a[0]) or write(*a))
     sweep.write_experiment(uri, cfg)
+    assert atomic_writes == [uri]
     before = (tmp_path / "experiment.yaml").read_bytes()
     assert load_config(tmp_path / "experiment.yaml") == cfg
 

@@ -224,7 +224,9 @@ def ray_cluster():
     """
     token = uuid.uuid4().hex
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing to drain: stop at once
+    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain: stop at once
+                # with --disable-usage-stats Ray still reports "disabled" once to this URL (https://usage-stats.ray.io/)
+                "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/"}
     temp_dir = tempfile.mkdtemp(prefix="ray")  # in the suite's TMPDIR (conftest), short for Ray's socket paths
     port, dashboard, agent = _free_port(), _free_port(), _free_port()
     # The job agent's HTTP port too: its default, 52365, is taken by any other Ray on the machine
