@@ -457,8 +457,9 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train", augment: bool = T
         if split == "train" and augment:
             tf = pretrain_transform(img_size, mean, std, scale_min, d.hflip, randaug)
         else:
-            tf = v2.Compose([v2.Resize(img_size, antialias=True), v2.ToDtype(torch.float32, scale=True),
-                             v2.Normalize(mean, std)])
+            # bicubic, as the training crops and the reference's evaluation (a no-op at the native 28 px)
+            tf = v2.Compose([v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
         return FashionMNIST(root, train=split == "train", transform=tf, subset=subset)
     folder = imagefolder_root(cfg, split)
     mean, std = normalization(cfg)

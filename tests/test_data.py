@@ -10,7 +10,7 @@ from PIL import Image
 from mae.config import load_config, replace
 from mae.data import (
     CorruptDatasetError, DatasetNotFoundError, FashionMNIST, ImageFolder, build_dataset,
-    collate_skip_none, eval_loader, eval_transform, read_idx,
+    collate_skip_none, eval_loader, eval_transform, normalization, read_idx,
 )
 from mae.device_input import build_train_input
 
@@ -67,6 +67,19 @@ def test_real_fashion_mnist_splits(fashion_mnist_dir):
     # std 0.3530 of pixels in [0, 1]): about mean 0 and std 1 on the test split too
     x = torch.stack([test[i][0] for i in range(0, len(test), 10)])
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+
+
+def test_fashion_mnist_evaluation_images_are_resized_bicubic_as_training_crops_are(fashion_mnist_dir):
+    from torchvision.transforms import v2
+
+    cfg = load_config(None, [f"data.data_dir={fashion_mnist_dir}", "model.img_size=32"])
+    test = build_dataset(cfg, "test", augment=False, subset=4)
+    raw = test.images[1]  # (1, 28, 28) uint8
+    mean, std = normalization(cfg)
+    for mode, same in ((v2.InterpolationMode.BICUBIC, True), (v2.InterpolationMode.BILINEAR, False)):
+        expected = v2.functional.normalize(v2.functional.resize(raw, [32], interpolation=mode, antialias=True)
+                                           .float() / 255, mean, std)
+        assert torch.allclose(test[1][0], expected, atol=1e-5) == same, mode
 
 
 def test_pretrain_augmentation_is_random_but_seedable(fashion_mnist_dir):

@@ -103,3 +103,19 @@ def test_benchmark_peak_memory_is_each_variants_own():
                                      label="test", models=models)
     assert peak["a"] == pytest.approx((256 + 64) / 1024, abs=0.01)
     assert peak["b"] == pytest.approx((256 + 64) / 1024, abs=0.01)
+
+
+def test_each_step_replayed_as_a_cuda_graph_draws_a_fresh_mask():
+    """Training passes no noise: the compiled step draws each mask inside its graph, and a CUDA
+    graph replay must draw anew rather than repeat the recorded mask. Same weights (no update)
+    and images: with a fixed mask the replays give one loss, with drawn masks each its own."""
+    cfg = load_config(SMOKE, ["train.device=cuda", "train.compile=true", "train.compile_mode=reduce-overhead"])
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda()
+    step = TrainStep(model, build_optimizer(model, cfg, 1e-3), cfg, torch.device("cuda"))
+    imgs = _patterns(torch.Generator(device="cuda").manual_seed(1), 64)
+    fixed = torch.rand(64, model.num_patches, device="cuda")
+    same = torch.stack([step(imgs, fixed, update=False) for _ in range(5)])[2:].float().cpu()  # after warm-up
+    drawn = torch.stack([step(imgs, None, update=False) for _ in range(5)])[2:].float().cpu()
+    assert torch.allclose(same, same[0].expand(3), rtol=1e-5), same
+    assert len(set(drawn.tolist())) == 3, drawn
