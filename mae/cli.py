@@ -1,9 +1,10 @@
 """`python -m mae pretrain|probe|reconstruct|predecode ...`: the library from the command line.
 
     python -m mae pretrain --config experiments/fashion_mnist.yaml [--set train.epochs=5]
-    python -m mae probe --checkpoint runs/fashion_mnist/checkpoint-0010 [--quick]
-    python -m mae reconstruct --checkpoint runs/fashion_mnist/checkpoint-0010 --out recon.png
-    python -m mae predecode --data-dir /data/imagenet --out /fast/imagenet-256 --workers 16
+    python -m mae probe --checkpoint runs/fashion_mnist/checkpoint-0008 [--quick]
+    python -m mae reconstruct --checkpoint runs/fashion_mnist/checkpoint-0008 --out recon.png
+    python -m mae predecode --config experiments/imagenet_vit_base.yaml --data-dir /data/imagenet \
+        --out /fast/imagenet-256 --workers 16
 """
 
 import argparse

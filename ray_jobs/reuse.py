@@ -405,7 +405,8 @@ def build_parser(job: Job, description: str) -> argparse.ArgumentParser:
                                         "own (the whole config for --checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help=f"override one config value (repeatable), e.g. --set {job.section}.epochs=5")
-    p.add_argument("--out", help=f"folder for {job.table} and the Train runs (default: the sweep folder)")
+    p.add_argument("--out", help=f"folder for {job.table} and the Train runs (default: the sweep folder; with "
+                                 "--checkpoint, results/reuse-<experiment name>)")
     p.add_argument("--max-concurrent", type=int,
                    help="encoders run at once (default: the first chosen trial's sweep.max_concurrent)")
     p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS); none: an embedded Ray")
