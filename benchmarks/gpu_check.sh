@@ -44,11 +44,11 @@ step throughput_vit_b 225 "$py" benchmarks/throughput.py --model mae_vit_base_pa
 # 2. ViT-L/16 at batch 128 (a cold compile: its shapes are new)
 step throughput_vit_l 125 "$py" benchmarks/throughput.py --model mae_vit_large_patch16 --img-size 224 \
   --in-chans 3 --batch-size 128 --variants ours-compiled,hf-eager --steps 20 --json "$out/throughput_vit_l.json"
-# 3. JPEG input: a pre-decoded store and GPU decode (both prefetched on a side stream), then PIL workers,
-#    alone and feeding the compiled ViT-B step (step 1's graph, from Inductor's cache)
+# 3. JPEG input: a pre-decoded store and GPU decode, then PIL workers (all three prefetched on a side stream,
+#    as the engine does on CUDA), alone and feeding the compiled ViT-B step (step 1's graph, from Inductor's cache)
 step input_pipeline 100 "$py" benchmarks/input_pipeline.py --num-images 4096 --model mae_vit_base_patch16 \
   --img-size 224 --batch-size 256 --workers 16 --steps 30 --input-batches 30 --warmup 10 --compile \
-  --arms predecoded+prefetch,device+prefetch,cpu --json "$out/input_pipeline.json"
+  --arms predecoded+prefetch,device+prefetch,cpu+prefetch --json "$out/input_pipeline.json"
 # 4. where the compiled ViT-B step's time goes (kernel categories, GPU busy fraction): what to fix if 1 falls short
 step profile_vit_b 45 "$py" benchmarks/profile_step.py --model mae_vit_base_patch16 --img-size 224 --in-chans 3 \
   --batch-size 256 --compile --top 20 --json "$out/profile_vit_b.json"

@@ -1,8 +1,9 @@
 """Input pipeline throughput: PIL in DataLoader workers against decoding on the device.
 
 Generates an ImageFolder of photo-like JPEGs (default 500x375 at quality 90, about
-60 KB each, the size of an ImageNet photo; smooth shading, shapes and grain, not white
-noise) and measures, for each `data.pipeline` of `mae.device_input.build_pretrain_input`:
+60 KB each; every other one portrait, 375x500, so that batches mix sizes as ImageNet's do
+and the device pipelines take the per-image resize they take on real data; smooth
+shading, shapes and grain, not white noise) and measures, for each `data.pipeline` of `mae.device_input.build_pretrain_input`:
 
 - input alone: images/s the pipeline delivers to the device, augmented and normalised.
   cpu: --workers DataLoader workers decode with PIL and apply the v2 pretraining
@@ -13,6 +14,8 @@ noise) and measures, for each `data.pipeline` of `mae.device_input.build_pretrai
   decoding overlaps the training step. predecoded(+prefetch): the JPEGs converted once
   (mae.predecoded, shorter side --short-side; the conversion's time is printed and
   saved), the workers read raw pixels from its memory map, the device augments.
+  cpu+prefetch: the cpu pipeline with the engine's CUDA default of copying batches to the
+  device on the side stream, ahead of the step (cpu alone copies each batch inline).
   cpu+randaug: fine-tuning's CPU input (crop of scale finetune.crop_scale_min, flip and
   timm's RandAugment finetune.randaug in the workers, `mae.device_input.build_train_input`);
   its end-to-end column still feeds the pretraining step, so read its input column.
@@ -67,7 +70,8 @@ from mae.files import cleanup_on_termination, write_text_atomic
 from mae.models import model_names
 
 ARMS = {  # name: (data.pipeline, prefetch)
-    "cpu": ("cpu", False), "device": ("device", False), "device+prefetch": ("device", True),
+    "cpu": ("cpu", False), "cpu+prefetch": ("cpu", True), "device": ("device", False),
+    "device+prefetch": ("device", True),
     "predecoded": ("predecoded", False), "predecoded+prefetch": ("predecoded", True),
     "cpu+randaug": ("cpu", False),
 }
@@ -141,14 +145,16 @@ def _write_jpeg(path: Path, size: tuple[int, int], quality: int, seed: list[int]
 
 
 def make_jpegs(root: Path, n: int, size: tuple[int, int], quality: int, seed: int) -> list[Path]:
-    """root/class_K/NNNNN.jpg, n images over 10 classes; existing files are kept.
+    """root/class_K/NNNNN.jpg, n images over 10 classes, landscape `size` and (odd i) portrait;
+    existing files are kept.
 
     Image i is drawn from its own generator (seed, i), so the set does not depend on how
     many processes make it: one per core (about 45 ms an image on one core here; 4,096
     images on one core would eat most of a GPU check's time).
     """
     paths = [root / f"class_{i % 10}" / f"{i:05d}.jpg" for i in range(n)]
-    todo = [(path, tuple(size), quality, [seed, i]) for i, path in enumerate(paths) if not path.exists()]
+    todo = [(path, tuple(size) if i % 2 == 0 else tuple(size)[::-1], quality, [seed, i])
+            for i, path in enumerate(paths) if not path.exists()]
     if len(todo) > 64:
         with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
             list(pool.map(_write_jpeg, *zip(*todo), chunksize=16))
@@ -199,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         paths = make_jpegs(root, args.num_images, tuple(args.image_size), args.quality, args.seed)
         jpeg_kb = float(np.mean([p.stat().st_size for p in paths]) / 1e3)
-        print(f"{len(paths)} JPEGs of {args.image_size[0]}x{args.image_size[1]}, mean {jpeg_kb:.1f} KB, "
+        print(f"{len(paths)} JPEGs of {args.image_size[0]}x{args.image_size[1]} and (every other) "
+              f"{args.image_size[1]}x{args.image_size[0]}, mean {jpeg_kb:.1f} KB, "
               f"in {root} ({time.perf_counter() - t0:.1f} s)")
         overrides = [
             "data.dataset=imagefolder", f"data.data_dir={root}", f"data.num_workers={args.workers}",

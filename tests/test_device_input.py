@@ -567,7 +567,10 @@ def test_input_pipeline_benchmark_smoke(tmp_path):
     assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 12 and report["jpegs"]["mean_kb"] > 0
     assert report["results"]["device+prefetch"]["prefetch"] == 2 and report["results"]["device"]["prefetch"] == 0
     assert (tmp_path / "jpegs-predecoded-256" / "meta.json").is_file() and report["store"]["mb"] > 0
-    for name in ("cpu", "device", "device+prefetch", "predecoded", "predecoded+prefetch", "cpu+randaug"):
+    sizes = {Image.open(p).size for p in (tmp_path / "jpegs").rglob("*.jpg")}
+    assert sizes == {(64, 48), (48, 64)}  # batches mix sizes, as real folders' do
+    assert report["results"]["cpu+prefetch"]["prefetch"] == 2 and report["results"]["cpu"]["prefetch"] == 0
+    for name in ("cpu", "cpu+prefetch", "device", "device+prefetch", "predecoded", "predecoded+prefetch", "cpu+randaug"):
         arm = report["results"][name]
         assert arm["input"]["images"] == 2 * 4 and arm["end_to_end"]["images"] == 2 * 4
         assert arm["input"]["img_per_s"] > 0 and arm["ratio_end_to_end_over_synthetic"] > 0
