@@ -3,7 +3,8 @@
 Generates an ImageFolder of photo-like JPEGs (default 500x375 at quality 90, about
 60 KB each; every other one portrait, 375x500, so that batches mix sizes as ImageNet's do
 and the device pipelines take the per-image resize they take on real data; smooth
-shading, shapes and grain, not white noise) and measures, for each `data.pipeline` of `mae.device_input.build_pretrain_input`:
+shading, shapes and grain, not white noise) and measures, for each `data.pipeline` of
+`mae.device_input.build_pretrain_input`:
 
 - input alone: images/s the pipeline delivers to the device, augmented and normalised.
   cpu: --workers DataLoader workers decode with PIL and apply the v2 pretraining

@@ -511,7 +511,7 @@ def model_with_weights(cfg: ExperimentConfig, payload: dict[str, Any]) -> Masked
             saved = {}
         wanted = resolved_model_args(cfg)
         changed = [f"{k} {wanted[k]} (the checkpoint's: {saved[k]})" for k in WEIGHT_SHAPE_KEYS
-                   if k in saved and k in wanted and saved[k] != wanted[k]]
+                   if k in saved and saved[k] != wanted[k]]
         detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
         if changed:
             raise CheckpointError(f"the checkpoint's weights do not fit the model asked for, which has "

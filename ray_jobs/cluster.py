@@ -14,7 +14,8 @@ Two ways to run:
           --resources='{"trial_driver": 4}'
 
   (after `ray get-auth-token --generate`: `ray start`, unlike ray.init, leaves token
-  authentication off unless asked or a token exists; ray_jobs/README.md). Without it, trial drivers fall back to a small CPU fraction (see `trial_resources`).
+  authentication off unless asked or a token exists; ray_jobs/README.md). Without the
+  trial_driver resource, trial drivers fall back to a small CPU fraction (see `trial_resources`).
 
 Why a custom resource: a Tune trial here is a driver that does no heavy work; it starts a
 TorchTrainer whose workers hold the CPUs/GPUs. If each driver took a whole CPU, two

@@ -59,6 +59,24 @@ def load_benchmark(name: str):
     return module
 
 
+def stopped_trial_row(folder: Path, epoch: int, train_loss: float = 0.9) -> dict:
+    """Drive the sweep's ParquetCallback, with `folder` as the sweep folder, through a trial "t0"
+    that a scheduler stops after `epoch` (its last report has no probe); its trials.parquet row."""
+    import types
+
+    import pyarrow.parquet as pq
+
+    from mae.config import load_config
+    from ray_jobs import results, sweep
+
+    callback = sweep.ParquetCallback(str(folder), load_config(REPO / "experiments" / "smoke_sweep.yaml"), "git:abc")
+    trial = types.SimpleNamespace(trial_id="t0", config={"mask.ratio": 0.5}, last_result={"epoch": epoch})
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, {"epoch": epoch, "train_loss": train_loss})
+    callback.on_trial_complete(0, [], trial)
+    return pq.read_table(folder / results.TRIALS_FILE).to_pylist()[0]
+
+
 @contextlib.contextmanager
 def attention_dtypes():
     """The set of dtypes every timm Attention module returned while the block ran."""

@@ -419,10 +419,9 @@ def test_a_stopped_trial_records_no_checkpoint_when_ray_registered_none(tmp_path
     """Checkpoint folders that Ray never registered (copies cut short by the stop) are not
     checkpoints: the row's checkpoint_path stays null, and so it does when Ray's record of them is
     cut short too; the row is still STOPPED. A registered one: test_ray_sweep.py."""
-    import types
-
     from mae.checkpoint import CHECKPOINT_FILE
     from ray_jobs import sweep
+    from tests.conftest import stopped_trial_row
 
     run = tmp_path / sweep.train_run_name("t0")
     for name in ("checkpoint-0001", "checkpoint-0002"):
@@ -430,12 +429,7 @@ def test_a_stopped_trial_records_no_checkpoint_when_ray_registered_none(tmp_path
         (run / name / CHECKPOINT_FILE).write_bytes(b"")
     if snapshot is not None:
         (run / "checkpoint_manager_snapshot.json").write_bytes(snapshot)
-    callback = sweep.ParquetCallback(str(tmp_path), load_config(SMOKE_SWEEP), "git:abc")
-    trial = types.SimpleNamespace(trial_id="t0", config={"mask.ratio": 0.5}, last_result={"epoch": 2})
-    callback.on_trial_start(0, [], trial)
-    callback.on_trial_result(0, [], trial, {"epoch": 2, "train_loss": 0.9})
-    callback.on_trial_complete(0, [], trial)  # its last report has no probe: ASHA stopped it
-    row = pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist()[0]
+    row = stopped_trial_row(tmp_path, epoch=2, train_loss=0.9)
     assert row["status"] == "STOPPED" and row["checkpoint_path"] is None
     assert row["final_train_loss"] == 0.9
 

@@ -130,11 +130,10 @@ def test_a_stopped_trial_records_the_last_checkpoint_ray_registered(resumed_swee
     there with a truncated checkpoint.pt, but Ray never registered it. A STOPPED row names the
     last checkpoint Ray registered (here in a copy of a real Train run of the sweep above)."""
     import shutil
-    import types
 
     from mae.checkpoint import CHECKPOINT_FILE
-    from mae.config import load_config
     from ray_jobs import sweep
+    from tests.conftest import stopped_trial_row
 
     trial_id = _tables(resumed_sweep["folder"])[0].column("trial_id")[0].as_py()
     run = tmp_path / sweep.train_run_name("t0")
@@ -143,12 +142,7 @@ def test_a_stopped_trial_records_the_last_checkpoint_ray_registered(resumed_swee
     cut_short = run / f"checkpoint-{EPOCHS + 1:04d}"
     cut_short.mkdir()
     (cut_short / CHECKPOINT_FILE).write_bytes((registered / CHECKPOINT_FILE).read_bytes()[:4096])
-    callback = sweep.ParquetCallback(str(tmp_path), load_config(REPO / "experiments" / "smoke_sweep.yaml"), "git:abc")
-    trial = types.SimpleNamespace(trial_id="t0", config={"mask.ratio": 0.5}, last_result={"epoch": EPOCHS + 1})
-    callback.on_trial_start(0, [], trial)
-    callback.on_trial_result(0, [], trial, {"epoch": EPOCHS + 1, "train_loss": 0.9})
-    callback.on_trial_complete(0, [], trial)  # its last report has no probe: the scheduler stopped it
-    row = pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist()[0]
+    row = stopped_trial_row(tmp_path, epoch=EPOCHS + 1)
     assert row["status"] == "STOPPED" and row["checkpoint_path"] == str(registered)
 
 
