@@ -37,7 +37,8 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to $out/NAM
 if [ "$set_name" = goals ]; then
 names="throughput_vit_b throughput_vit_l input_pipeline profile_vit_b test_gpu"
 # 1. ViT-B/16: ours compiled and eager vs HF eager, then the loss-curve check (bf16 compiled vs fp32 eager,
-#    with a control run on other masks as the noise yardstick); JSON after every timed round and every 10 check steps
+#    with bf16 eager on the same batches and masks as the noise yardstick); JSON after every timed round and
+#    every 10 check steps
 step throughput_vit_b 225 "$py" benchmarks/throughput.py --model mae_vit_base_patch16 --img-size 224 \
   --in-chans 3 --batch-size 256 --variants ours-compiled,ours-eager,hf-eager --check-steps 200 \
   --json "$out/throughput_vit_b.json"

@@ -508,7 +508,9 @@ def test_cuda_decode_and_augment_match_the_cpu(tmp_path):
     on_cpu, kept_cpu = decode_jpegs(encoded, "cpu", "RGB")
     assert kept == kept_cpu == [0, 1, 3, 4] and all(i.device.type == "cuda" for i in on_gpu)
     for g, c in zip(on_gpu, on_cpu):  # nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's
-        assert (g.cpu().int() - c.int()).abs().float().mean() < 2.0  # torchvision's own test allows < 2
+        # torchvision's own test allows a mean of 2 on its images; on an H200 (torch 2.11, CUDA 13)
+        # one of these gave 2.1. A wrong colour conversion or channel order differs by tens.
+        assert (g.cpu().int() - c.int()).abs().float().mean() < 3.0
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     out_gpu = DeviceAugment(32, mean, std, device="cuda", seed=0)(on_cpu)
     out_cpu = DeviceAugment(32, mean, std, device="cpu", seed=0)(on_cpu)

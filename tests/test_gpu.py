@@ -26,14 +26,14 @@ def _patterns(g: torch.Generator, n: int, size: int = 28) -> torch.Tensor:
     return torch.nn.functional.interpolate(grid, size=size, mode="bilinear") * 2 - 1
 
 
-def _curve(*overrides: str, steps: int = 60, mask_seed: int = 2) -> torch.Tensor:
-    """The loss curve from seed-0 weights on the same 64-image batches; masks drawn from mask_seed."""
+def _curve(*overrides: str, steps: int = 60) -> torch.Tensor:
+    """The loss curve from seed-0 weights on the same 64-image batches and masks."""
     cfg = load_config(SMOKE, ["train.device=cuda", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
     step = TrainStep(model, build_optimizer(model, cfg, 1e-3), cfg, torch.device("cuda"))
     g = torch.Generator(device="cuda").manual_seed(1)
-    masks = torch.Generator(device="cuda").manual_seed(mask_seed)
+    masks = torch.Generator(device="cuda").manual_seed(2)
     losses = []
     for _ in range(steps):
         imgs = _patterns(g, 64)
@@ -46,16 +46,15 @@ def _curve(*overrides: str, steps: int = 60, mask_seed: int = 2) -> torch.Tensor
 def test_compiled_bf16_step_tracks_float32_eager(mode):
     """The engine's CUDA path (bf16 autocast, compiled, CUDA graphs with reduce-overhead)
     follows the float32 eager loss curve from the same weights, batches and masks, within
-    noise: no further than float32 itself goes when only the masks are drawn anew (about
-    0.4% a step on CPU), and no steady bias beyond what that spread allows over 60 steps
-    (benchmarks/throughput.py's compare_curves)."""
+    noise: no further than the eager bf16 step goes from it, and no steady bias beyond what
+    that run shows (benchmarks/throughput.py's compare_curves)."""
     reference = _curve("train.precision=fp32", "train.compile=false")
-    control = _curve("train.precision=fp32", "train.compile=false", mask_seed=3)
+    eager = _curve("train.compile=false")
     fast = _curve("train.compile=true", f"train.compile_mode={mode}")
     assert reference[-10:].mean() < 0.8 * reference[:5].mean()  # it learns
     assert torch.isfinite(fast).all()
-    verdict = load_benchmark("throughput").compare_curves(fast, reference, control)  # the benchmark's own yardstick
-    assert verdict["within_noise"], {k: v for k, v in verdict.items() if "rel_diff" in k or "bias" in k}
+    verdict = load_benchmark("throughput").compare_curves(fast, reference, eager)  # the benchmark's own yardstick
+    assert verdict["within_noise"], {k: v for k, v in verdict.items() if "rel_diff" in k or "limit" in k}
 
 
 @pytest.mark.parametrize("compile_model", [False, True])
@@ -107,15 +106,18 @@ def test_benchmark_peak_memory_is_each_variants_own():
 
 def test_each_step_replayed_as_a_cuda_graph_draws_a_fresh_mask():
     """Training passes no noise: the compiled step draws each mask inside its graph, and a CUDA
-    graph replay must draw anew rather than repeat the recorded mask. Same weights (no update)
-    and images: with a fixed mask the replays give one loss, with drawn masks each its own."""
+    graph replay must draw anew rather than repeat the recorded mask. Same weights (lr 0) and
+    images: with a fixed mask the replays give one loss, with drawn masks each its own. (Each
+    step updates, as training's do under CUDA graphs: without the update, gradients would
+    accumulate into memory the next replay overwrites, which torch refuses; the engine never
+    replays graphs with accumulation: the config refuses accum_iter > 1 with them.)"""
     cfg = load_config(SMOKE, ["train.device=cuda", "train.compile=true", "train.compile_mode=reduce-overhead"])
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
-    step = TrainStep(model, build_optimizer(model, cfg, 1e-3), cfg, torch.device("cuda"))
+    step = TrainStep(model, build_optimizer(model, cfg, 0.0), cfg, torch.device("cuda"))
     imgs = _patterns(torch.Generator(device="cuda").manual_seed(1), 64)
     fixed = torch.rand(64, model.num_patches, device="cuda")
-    same = torch.stack([step(imgs, fixed, update=False) for _ in range(5)])[2:].float().cpu()  # after warm-up
-    drawn = torch.stack([step(imgs, None, update=False) for _ in range(5)])[2:].float().cpu()
+    same = torch.stack([step(imgs, fixed) for _ in range(5)])[2:].float().cpu()  # after warm-up
+    drawn = torch.stack([step(imgs, None) for _ in range(5)])[2:].float().cpu()
     assert torch.allclose(same, same[0].expand(3), rtol=1e-5), same
     assert len(set(drawn.tolist())) == 3, drawn
