@@ -1,7 +1,7 @@
 """GPU checks: skipped on machines without CUDA (CI has none); run them on a GPU box.
 
 They need no dataset (GPU machines here have no Fashion-MNIST): images are smooth random
-patterns, which the model can learn. `benchmarks/gpu_check.sh` runs this file in its last step.
+patterns, which the model can learn. `bash benchmarks/gpu_check.sh tests` runs this file.
 """
 
 import contextlib
