@@ -3,8 +3,9 @@
 # written for this project's `device` tool (15 minutes of device time a session, start included):
 #   run(command="bash benchmarks/gpu_check.sh", timeout_s=600)         # the goals: first (about 9.5 min)
 #   run(command="bash benchmarks/gpu_check.sh tests", timeout_s=280)   # at once after it, while warm
+#   run(command="bash benchmarks/gpu_check.sh speed", timeout_s=600)   # a later session: what might be faster
 #   run(command="bash benchmarks/gpu_check.sh more", timeout_s=600)    # a later session: beyond the goals
-# (the step limits of goals add up to 560 s, of tests 240 s, of more 570 s, plus at most 30 s for
+# (the step limits of goals add up to 560 s, of tests 240 s, of speed 560 s, of more 570 s, plus at most 30 s for
 # machine.txt, so the summary and logs.txt are written even if every step runs to its limit; the
 # limits are sized from the first H200 run, 2026-11-30, BENCHMARKS.md)
 # It needs nothing beyond the GPU image's torch, torchvision, timm, transformers, pytest
@@ -13,7 +14,7 @@
 # else results/gpu_check/: machine.txt, JSON per benchmark and logs.txt (at most 7 files); the summary comes last.
 set -u
 set_name=${1:-goals}
-case $set_name in goals|tests|more) ;; *) echo "usage: bash benchmarks/gpu_check.sh [goals|tests|more]" >&2; exit 2 ;; esac
+case $set_name in goals|tests|speed|more) ;; *) echo "usage: bash benchmarks/gpu_check.sh [goals|tests|speed|more]" >&2; exit 2 ;; esac
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 # the GPU image's interpreter is python3 (its `python`, if any, may lack torch)
 py=${PYTHON:-python3}
@@ -38,19 +39,20 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to $out/NAM
 
 if [ "$set_name" = goals ]; then
 names="throughput_vit_b throughput_vit_l input_pipeline profile_vit_b"
-# 1. ViT-B/16: ours compiled and eager vs HF eager, then the loss-curve check (bf16 compiled vs fp32 eager,
-#    with bf16 eager on the same batches and masks as the noise yardstick); JSON after every timed round and
-#    every 10 check steps (on the H200: 71 s of compile, about 200 s in all)
-step throughput_vit_b 230 "$py" benchmarks/throughput.py --model mae_vit_base_patch16 --img-size 224 \
-  --in-chans 3 --batch-size 256 --variants ours-compiled,ours-eager,hf-eager --check-steps 200 \
+# 1. ViT-B/16: ours compiled (also replayed as CUDA graphs: the same graph from Inductor's cache) and eager
+#    vs HF eager, then the loss-curve check (bf16 compiled vs fp32 eager, with bf16 eager on the same batches
+#    and masks as the noise yardstick); JSON after every timed round and every 10 check steps (on the H200,
+#    without the graphs variant: 71 s of compile, about 200 s in all)
+step throughput_vit_b 250 "$py" benchmarks/throughput.py --model mae_vit_base_patch16 --img-size 224 \
+  --in-chans 3 --batch-size 256 --variants ours-compiled,ours-graphs,ours-eager,hf-eager --check-steps 200 \
   --json "$out/throughput_vit_b.json"
 # 2. ViT-L/16 at batch 128 (a cold compile: its shapes are new; 125 s did not reach a timed round on the H200)
-step throughput_vit_l 200 "$py" benchmarks/throughput.py --model mae_vit_large_patch16 --img-size 224 \
+step throughput_vit_l 190 "$py" benchmarks/throughput.py --model mae_vit_large_patch16 --img-size 224 \
   --in-chans 3 --batch-size 128 --variants ours-compiled,hf-eager --steps 20 --json "$out/throughput_vit_l.json"
 # 3. JPEG input: a pre-decoded store and GPU decode, then PIL workers (all three prefetched on a side stream,
 #    as the engine does on CUDA), alone and feeding the compiled ViT-B step (step 1's graph, from Inductor's
 #    cache; 70 s on the H200)
-step input_pipeline 90 "$py" benchmarks/input_pipeline.py --num-images 4096 --model mae_vit_base_patch16 \
+step input_pipeline 80 "$py" benchmarks/input_pipeline.py --num-images 4096 --model mae_vit_base_patch16 \
   --img-size 224 --batch-size 256 --workers 16 --steps 30 --input-batches 30 --warmup 10 --compile \
   --arms predecoded+prefetch,device+prefetch,cpu+prefetch --json "$out/input_pipeline.json"
 # 4. where the compiled ViT-B step's time goes (kernel categories, GPU busy fraction): what to fix if 1 falls short
@@ -62,6 +64,17 @@ names="test_gpu"
 # most of it compiling); -v names each test as it starts, so a cut-off log still says which ran
 step test_gpu 240 "$py" -m pytest -v -rA --durations=0 -m gpu tests/test_gpu.py tests/test_device_input.py \
   tests/test_predecoded.py
+elif [ "$set_name" = speed ]; then
+names="sdpa_flash sdpa_efficient autotune_vit_b"
+# the ViT-B step with each other attention kernel family (cuDNN's is torch's choice on Hopper: 8.2 ms of a
+# 55 ms step on the H200, for 7% of its FLOPs), then Inductor's max-autotune (its matmul templates can fuse
+# the pointwise work around them: 16 ms of that step); each a cold compile, HF eager as the common yardstick
+step sdpa_flash 150 "$py" benchmarks/throughput.py --model mae_vit_base_patch16 --img-size 224 --in-chans 3 \
+  --batch-size 256 --variants ours-compiled,hf-eager --sdpa flash --steps 20 --json "$out/sdpa_flash.json"
+step sdpa_efficient 150 "$py" benchmarks/throughput.py --model mae_vit_base_patch16 --img-size 224 --in-chans 3 \
+  --batch-size 256 --variants ours-compiled,hf-eager --sdpa efficient --steps 20 --json "$out/sdpa_efficient.json"
+step autotune_vit_b 260 "$py" benchmarks/throughput.py --model mae_vit_base_patch16 --img-size 224 --in-chans 3 \
+  --batch-size 256 --variants ours-autotune,hf-eager --steps 20 --json "$out/autotune_vit_b.json"
 else
 names="finetune_vit_b finetune_vit_l throughput_b512_graphs input_randaug"
 # 1-2. fine-tuning's step (random erasing, mixup/cutmix, forward, backward, fused AdamW over layer-decayed

@@ -3,7 +3,8 @@
 A step is forward, backward and an AdamW update on one batch that already sits on the
 device (the input pipeline is benchmarks/input_pipeline.py's business). "ours" is the
 engine's own `mae.engine.TrainStep` (loss-only decoder tail, fused AdamW, bf16 autocast
-on CUDA), eager and under torch.compile; "hf" is `ViTMAEForPreTraining` with SDPA
+on CUDA), eager and under torch.compile (ours-graphs: replayed as CUDA graphs;
+ours-autotune: Inductor's max-autotune without them); "hf" is `ViTMAEForPreTraining` with SDPA
 attention and the same fused AdamW (what transformers' Trainer uses by default with
 torch >= 2.8: `adamw_torch_fused`), loaded with our weights and fed our batch and mask
 noise, so both compute the same loss (checked, and printed).
@@ -14,6 +15,9 @@ noise, so both compute the same loss (checked, and printed).
     python benchmarks/throughput.py --preset cpu --json results/bench/cpu.json
     # one config of your own
     python benchmarks/throughput.py --model mae_vit_base_patch16 --batch-size 512 --variants ours-compiled
+    # what might make ours faster on a GPU: CUDA graphs, autotuning, another attention kernel
+    python benchmarks/throughput.py --model mae_vit_base_patch16 --img-size 224 --in-chans 3 --batch-size 256 \
+        --variants ours-compiled,ours-graphs,ours-autotune --sdpa flash
 
 Also measured: the device's matrix-product ceiling (bf16 on CUDA, float32 on CPU), the
 FLOPs of one training step per image (torch.utils.flop_counter, our eager model) and so
@@ -51,11 +55,16 @@ from mae.engine import (
 )
 from mae.files import write_text_atomic
 from mae.interop import hf_config_kwargs, hf_layout_of, to_hf_state_dict
+from mae.masking import num_visible
 from mae.models import build_mae, model_names
 from mae.optim import fused_kwargs, param_groups
 
 LR = 1.5e-4  # the paper's base lr; the value does not change the cost of a step
-VARIANTS = ("ours-eager", "ours-compiled", "hf-eager", "hf-compiled")
+VARIANTS = ("ours-eager", "ours-compiled", "ours-graphs", "ours-autotune", "hf-eager", "hf-compiled")
+# ours compiled in a fixed mode, whatever --compile-mode says: CUDA graphs (a compiled step's
+# launches replayed, not issued one by one) and Inductor's autotuned matmul and fused templates
+OURS_MODES = {"ours-graphs": "reduce-overhead", "ours-autotune": "max-autotune-no-cudagraphs"}
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 PRESETS = {
     # (model, img_size, in_chans, batch): the issue's anchors were measured at these
     "h100": [("mae_vit_base_patch16", 224, 3, 256), ("mae_vit_large_patch16", 224, 3, 128)],
@@ -83,7 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--no-norm-pix-loss", action="store_true", help="plain pixel targets (default: norm-pix)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {VARIANTS}")
-    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="for the compiled variants")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help=f"for ours-compiled, hf-compiled and the loss-curve check (the others: {OURS_MODES})")
+    p.add_argument("--sdpa", default="auto", choices=SDPA_BACKENDS,
+                   help="the CUDA attention kernels every variant may use (auto: torch's choice)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="train.precision of every variant: auto is bf16 autocast on CUDA, float32 on CPU")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
@@ -195,13 +207,26 @@ def matmul_ceiling(device: torch.device) -> dict:
 
 
 def experiment_config(model: str, img_size: int, in_chans: int, args: argparse.Namespace, *,
-                      compile: bool = False, precision: str | None = None):
+                      compile: bool = False, precision: str | None = None, compile_mode: str | None = None):
     return config_from_dict({
         "model": {"name": model, "img_size": img_size, "in_chans": in_chans,
                   "norm_pix_loss": not args.no_norm_pix_loss},
         "mask": {"ratio": args.mask_ratio},
-        "train": {"compile": compile, "compile_mode": args.compile_mode, "precision": precision or args.precision},
+        "train": {"compile": compile, "compile_mode": compile_mode or args.compile_mode,
+                  "precision": precision or args.precision},
     })
+
+
+def use_sdpa_backend(name: str) -> None:
+    """Let scaled_dot_product_attention use this one CUDA kernel family only ('auto': torch's
+    choice, cuDNN's on Hopper), for every variant of the process. No fallback: a backend
+    that cannot run the shapes fails the run instead of timing another kernel."""
+    if name == "auto":
+        return
+    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+    torch.backends.cuda.enable_flash_sdp(name == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
+    torch.backends.cuda.enable_math_sdp(name == "math")
 
 
 def ours_step(model: torch.nn.Module, cfg, device: torch.device) -> Callable:
@@ -243,12 +268,17 @@ def hf_twin(ours: torch.nn.Module, margs: dict, mask_ratio: float) -> torch.nn.M
 
 
 def flops_per_image(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> float:
-    """FLOPs of forward + backward of our eager reference forward (the full decoder, as
-    the reference and HF compute it), per image. The loss-only path does slightly less
-    work; MFU is quoted against this count so that all variants share one yardstick."""
+    """FLOPs of forward + backward of the reference's computation, per image: our eager
+    full forward (the full decoder, as the reference and HF compute it), plus the embedding
+    of the patches that masking drops, which ours skips (it embeds visible patches only)
+    and the reference computes: a multiply-add per weight per dropped patch, forward and
+    for the weight's gradient (0.35 GFLOP per ViT-B image). The loss-only path does less
+    work still; MFU is quoted against this count so that all variants share one yardstick."""
     flops = counted_flops(lambda: model(imgs, mask_ratio, noise)[0].backward())
     model.zero_grad(set_to_none=True)
-    return flops / imgs.shape[0]
+    L = model.patch_embed.num_patches
+    dropped_embedding = (L - num_visible(L, mask_ratio)) * model.patch_embed.proj.weight.numel() * 2 * 2
+    return flops / imgs.shape[0] + dropped_embedding
 
 
 def check_images(g: torch.Generator, pool: int, batch: int, in_chans: int, img_size: int, patch_size: int,
@@ -403,9 +433,9 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
             model = build_mae(model_name, img_size=img_size, in_chans=in_chans, norm_pix_loss=norm_pix)
             model.load_state_dict(base.state_dict())
             model.to(device).train()
-            compiled = name == "ours-compiled"
-            steps[name] = ours_step(model, experiment_config(model_name, img_size, in_chans, args,
-                                                             compile=compiled), device)
+            steps[name] = ours_step(model, experiment_config(
+                model_name, img_size, in_chans, args, compile=name != "ours-eager",
+                compile_mode=OURS_MODES.get(name)), device)
         else:
             model = hf_twin(base, margs, args.mask_ratio).to(device).train()
             steps[name] = hf_step(model, device, dtype, name == "hf-compiled", args.compile_mode)
@@ -438,7 +468,7 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
     def record(times: dict[str, list[float]], warmup_s: dict[str, float], peak_mem: dict[str, float | None]) -> None:
         results = timing_results(times, warmup_s, peak_mem, batch, flops, ceiling)
         ratios = {}
-        for ours in ("ours-eager", "ours-compiled"):
+        for ours in ("ours-eager", "ours-compiled", *OURS_MODES):
             for hf in ("hf-eager", "hf-compiled"):
                 if ours in results and hf in results:
                     ratios[f"{ours}/{hf}"] = results[ours]["img_per_s"] / results[hf]["img_per_s"]
@@ -459,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
+    use_sdpa_backend(args.sdpa)
     if args.preset:
         configs = PRESETS[args.preset]
     else:
@@ -470,6 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+        "sdpa": args.sdpa,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "matmul_ceiling": ceiling, "rated_bf16_flops_per_s": rated_bf16_flops(device_name(device)), "configs": [],

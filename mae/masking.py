@@ -29,19 +29,29 @@ def random_masking(
     Returns x_visible (N, L_keep, D), mask (N, L) with 1 = removed, ids_restore (N, L).
     """
     N, L, D = x.shape
+    ids_keep, mask, ids_restore = masking_plan(N, L, mask_ratio, noise, x.device, x.dtype)
+    x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (N, L_keep, D)
+    return x_visible, mask, ids_restore
+
+
+def masking_plan(
+    N: int, L: int, mask_ratio: float, noise: torch.Tensor | None, device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which tokens `random_masking` keeps: ids_keep (N, L_keep), mask (N, L) with 1 =
+    removed (in `dtype`) and ids_restore (N, L), without touching the tokens themselves."""
     len_keep = num_visible(L, mask_ratio)
     if noise is None:
-        noise = torch.rand(N, L, device=x.device)
+        noise = torch.rand(N, L, device=device)
     elif noise.shape != (N, L):
         raise ValueError(f"noise must have shape (N, L) = {(N, L)}, got {tuple(noise.shape)}")
     ids_shuffle = torch.argsort(noise, dim=1)  # (N, L), ascending: kept first
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # (N, L), inverse permutation
     ids_keep = ids_shuffle[:, :len_keep]  # (N, L_keep)
-    x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (N, L_keep, D)
-    mask = torch.ones(N, L, device=x.device, dtype=x.dtype)
+    mask = torch.ones(N, L, device=device, dtype=dtype)
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)  # (N, L), back in patch order
-    return x_visible, mask, ids_restore
+    return ids_keep, mask, ids_restore
 
 
 def block_noise(

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mae.checkpoint import load_checkpoint, model_state
+from mae.masking import random_masking
 from mae.models import MODEL_ARGS, build_mae, model_names
 from mae.models.pos_embed import sincos_2d
 
@@ -173,3 +174,23 @@ def test_forward_features_pools():
     assert m.forward_features(x, "cls").shape == (3, 96)
     assert m.forward_features(x, "avg").shape == (3, 96)
     assert not torch.allclose(m.forward_features(x, "cls"), m.forward_features(x, "avg"))
+
+
+def test_encoder_embeds_only_the_visible_patches_as_the_reference_does():
+    """forward_encoder picks patches of pixels first and embeds those alone; the reference
+    embeds every patch with the convolution, adds positions, then drops three quarters.
+    Same tokens into the first block, same mask and ids_restore (float64: exact)."""
+    torch.manual_seed(0)
+    m = build_mae("mae_vit_micro_patch4", norm_pix_loss=True).double()
+    imgs = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    noise = torch.rand(3, m.patch_embed.num_patches, dtype=torch.float64)
+    everything = m.patch_embed(imgs) + m.pos_embed[:, 1:, :]  # (N, L, D): the convolution over the image
+    expected, expected_mask, expected_restore = random_masking(everything, 0.75, noise)
+    seen = {}
+    hook = m.blocks[0].register_forward_pre_hook(lambda _, args: seen.update(x=args[0]))
+    _, mask, ids_restore = m.forward_encoder(imgs, 0.75, noise)
+    hook.remove()
+    torch.testing.assert_close(seen["x"][:, 1:], expected, rtol=0, atol=1e-12)
+    assert torch.equal(mask, expected_mask) and torch.equal(ids_restore, expected_restore)
+    with pytest.raises(ValueError, match=r"takes \(1, 28, 28\) images, got \(1, 32, 32\)"):
+        m.forward_encoder(torch.zeros(1, 1, 32, 32, dtype=torch.float64), 0.75)
