@@ -98,8 +98,10 @@ def breakdown(prof: torch.profiler.profile, device: torch.device, steps: int) ->
     rows = []
     for row in prof.key_averages():
         if device.type == "cuda":
-            if row.device_type != DeviceType.CUDA:
-                continue  # kernels only: a CPU operator's device time repeats its kernels'
+            if row.device_type != DeviceType.CUDA or getattr(row, "is_user_annotation", False):
+                # kernels only: a CPU operator's device time repeats its kernels', and so does a
+                # user annotation's on the GPU (the optimizer's step: 0.9 ms counted twice)
+                continue
             us = _device_time(row)
         else:
             if not row.key.startswith("aten::"):

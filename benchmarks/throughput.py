@@ -72,9 +72,11 @@ PRESETS = {
     "cpu": [("mae_vit_micro_patch4", 28, 1, 128)],
 }
 # NVIDIA's rated dense bf16 tensor-core peaks (TFLOP/s; the datasheets give twice these "with
-# sparsity"): H100 SXM and H200 989, H100 NVL 835, H100 PCIe 756. The MFU column uses the
-# measured matmul ceiling, which a real step can reach; the rated one is printed beside it.
-RATED_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0}
+# sparsity"): H100 SXM and H200 989, H100 NVL and H200 NVL 835, H100 PCIe 756. The MFU column
+# uses the measured matmul ceiling, which a real step can reach; the rated one is printed beside
+# it. The most specific name first: "NVIDIA H200 NVL" also contains "H200".
+RATED_BF16_TFLOPS = {"H200 NVL": 835.0, "H200": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0,
+                     "H100 PCIe": 756.0}
 
 
 def rated_bf16_flops(name: str) -> float | None:
@@ -285,10 +287,11 @@ def check_images(g: torch.Generator, pool: int, batch: int, in_chans: int, img_s
                  device: torch.device) -> torch.Tensor:
     """(pool, batch, C, H, W) images in [-1, 1] for the loss-curve check: random grids at three
     scales, bilinear-upsampled and summed: 4 x 4 cells over the image (amplitude 1), one cell
-    per patch (0.5) and 4 x 4 cells per patch (0.25, at most one per pixel). Detail inside the
-    patches is what keeps the loss falling: the check cycles through this pool of batches, so
-    the model goes on fitting them for hundreds of steps (a 4 x 4 grid alone, the old images,
-    was learnt within about 10 steps, after which a wrong learning rate no longer shows)."""
+    per patch (0.5) and 4 x 4 cells per patch (0.25, at most one per pixel); the check cycles
+    through this pool of batches. Meant to give the model detail to go on fitting; it did
+    not: on an H200 ViT-B/16 reached the trivial norm-pix answer (each patch's mean, loss
+    1.0) within about 40 steps and stayed there (BENCHMARKS.md), as the micro model does on
+    a CPU (about 0.94). Images a model goes on learning for hundreds of steps are still owed."""
     side = img_size // patch_size
     out = torch.zeros(pool, batch, in_chans, img_size, img_size, device=device)
     for cells, amplitude in ((4, 1.0), (side, 0.5), (min(4 * side, img_size), 0.25)):

@@ -328,15 +328,16 @@ def test_the_loss_curve_yardstick_passes_rounding_and_fails_a_bias():
     assert bench.compare_curves(noisy(fp32 * 1.003, 1e-4), fp32, noisy(fp32 * 1.003, 1e-4))["within_noise"]
 
 
-def test_the_loss_curve_check_catches_a_wrong_learning_rate():
-    """The whole check, run as the benchmark runs it, fails an engine whose learning rate is
-    20% off (on CPU all three runs are float32, so the eager twin is float32 itself)."""
+def test_the_loss_curve_check_passes_bf16_and_catches_a_wrong_learning_rate():
+    """The whole check, run as the benchmark runs it, in bf16 autocast (on this CPU too): the
+    engine passes against its eager bf16 twin, and fails when its learning rate is 20% off."""
     bench = throughput_benchmark()
-    args = bench.parse_args(["--device", "cpu", "--check-steps", "20", "--check-batch", "16"])
-    report = bench.loss_curve_check("mae_vit_micro_patch4", 28, 1, args, torch.device("cpu"), engine_lr_scale=1.2)
-    assert report["complete"] and not report["within_noise"]
-    assert report["mean_rel_diff"] > 10 * report["drift_limit"]
-    assert report["eager_mean_rel_diff"] == 0  # the yardstick itself is float32's curve
+    args = bench.parse_args(["--device", "cpu", "--precision", "bf16", "--check-steps", "60", "--check-batch", "16"])
+    right = bench.loss_curve_check("mae_vit_micro_patch4", 28, 1, args, torch.device("cpu"))
+    assert right["complete"] and right["engine_precision"] == "bfloat16" and right["eager_mean_rel_diff"] > 0
+    assert right["within_noise"], {k: v for k, v in right.items() if "diff" in k or "limit" in k}
+    wrong = bench.loss_curve_check("mae_vit_micro_patch4", 28, 1, args, torch.device("cpu"), engine_lr_scale=1.2)
+    assert not wrong["within_noise"] and wrong["mean_rel_diff"] > 3 * wrong["drift_limit"]
 
 
 def test_throughput_sdpa_choice_leaves_one_attention_kernel_family():

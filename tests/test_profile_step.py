@@ -48,3 +48,28 @@ def test_cpu_profile_adds_up(tmp_path):
     assert 0 < report["busy_ms_per_step"] <= 1.5 * report["wall_ms_per_step"]
     top = [row["ms_per_step"] for row in report["top"]]
     assert len(top) == 5 and top == sorted(top, reverse=True)
+
+
+def test_gpu_breakdown_counts_kernels_not_the_annotations_spanning_them():
+    """On CUDA the optimizer's step is a user annotation with device time of its own, spanning
+    the fused AdamW kernels; counting both doubled the optimizer's share (the first H200 run)."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.autograd import DeviceType
+
+    def row(key, us, device_type=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(key=key, self_device_time_total=us, count=2, device_type=device_type,
+                               is_user_annotation=annotation)
+
+    prof = SimpleNamespace(key_averages=lambda: [
+        row("Optimizer.step#AdamW.step", 935.0, annotation=True),
+        row("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", 912.0),
+        row("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 3000.0),
+        row("aten::mm", 3000.0, device_type=DeviceType.CPU),  # its device time is the kernel's above
+    ])
+    split, rows = profile_step.breakdown(prof, torch.device("cuda"), steps=2)
+    assert split["optimizer"] == pytest.approx(0.456) and split["matmul"] == pytest.approx(1.5)
+    assert [r[0] for r in rows] == ["nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT",
+                                    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel"
+                                    "<FusedAdamMathFunctor<float, 4>>"]
