@@ -28,10 +28,14 @@ def random_masking(
     x: (N, L, D). noise: (N, L) in any range; uniform [0, 1) when None.
     Returns x_visible (N, L_keep, D), mask (N, L) with 1 = removed, ids_restore (N, L).
     """
-    N, L, D = x.shape
+    N, L, _ = x.shape
     ids_keep, mask, ids_restore = masking_plan(N, L, mask_ratio, noise, x.device, x.dtype)
-    x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (N, L_keep, D)
-    return x_visible, mask, ids_restore
+    return gather_tokens(x, ids_keep), mask, ids_restore  # (N, L_keep, D)
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (N, L, D) at token positions ids (N, K), per sample: (N, K, D)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def masking_plan(

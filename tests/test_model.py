@@ -179,7 +179,7 @@ def test_forward_features_pools():
 def test_encoder_embeds_only_the_visible_patches_as_the_reference_does():
     """forward_encoder picks patches of pixels first and embeds those alone; the reference
     embeds every patch with the convolution, adds positions, then drops three quarters.
-    Same tokens into the first block, same mask and ids_restore (float64: exact)."""
+    Same tokens into the first block, same mask and ids_restore (float64: to 1e-12)."""
     torch.manual_seed(0)
     m = build_mae("mae_vit_micro_patch4", norm_pix_loss=True).double()
     imgs = torch.randn(3, 1, 28, 28, dtype=torch.float64)

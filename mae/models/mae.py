@@ -16,7 +16,7 @@ from torch import nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from mae.masking import masking_plan, sample_noise
+from mae.masking import gather_tokens, masking_plan, sample_noise
 from mae.models.pos_embed import sincos_2d
 
 
@@ -122,35 +122,24 @@ class MaskedAutoencoderViT(nn.Module):
         quarter of the work, and no full-image convolution (on an H200 cuDNN spent 2.6 ms
         of a 55 ms ViT-B step converting the image to NHWC and convolving it, BENCHMARKS.md).
         """
+        size = (self.in_chans, *self.patch_embed.img_size)
+        if tuple(imgs.shape[1:]) != size:
+            raise ValueError(f"the model takes {size} images, got {tuple(imgs.shape[1:])}")
         N = imgs.shape[0]
         L = self.patch_embed.num_patches
         if noise is None and self.mask_strategy != "random":
             noise = sample_noise(self.mask_strategy, N, self.grid_size, mask_ratio, imgs.device)
         ids_keep, mask, ids_restore = masking_plan(N, L, mask_ratio, noise, imgs.device, imgs.dtype)
-        pixels = self._conv_patches(imgs)  # (N, L, C*p*p)
-        pixels = torch.gather(pixels, 1, ids_keep.unsqueeze(-1).expand(-1, -1, pixels.shape[-1]))
+        pixels = gather_tokens(self.patchify(imgs), ids_keep)  # (N, L_keep, p*p*C)
         proj = self.patch_embed.proj
-        x = F.linear(pixels, proj.weight.flatten(1), proj.bias)  # (N, L_keep, D), as the conv would give
-        x = self.patch_embed.norm(x)
-        pos = self.pos_embed[:, 1:, :].expand(N, -1, -1)  # positions of the kept patches
-        x = x + torch.gather(pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # (D, p*p*C): the conv's, in patchify's order
+        x = self.patch_embed.norm(F.linear(pixels, weight, proj.bias))  # (N, L_keep, D), as the conv gives
+        x = x + gather_tokens(self.pos_embed[:, 1:, :].expand(N, -1, -1), ids_keep)  # the kept patches' positions
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(N, -1, -1)  # (N, 1, D)
         x = torch.cat([cls, x], dim=1)  # (N, 1 + L_keep, D)
         for block in self.blocks:
             x = block(x)
         return self.norm(x), mask, ids_restore
-
-    def _conv_patches(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, L, C*p*p) in the patch embedding's weight order (C, p, p),
-        patches row by row as its convolution visits them; refuses another image size."""
-        size = tuple(self.patch_embed.img_size)
-        if tuple(imgs.shape[-2:]) != size or imgs.shape[1] != self.in_chans:
-            raise ValueError(f"the model takes ({self.in_chans}, {size[0]}, {size[1]}) images, "
-                             f"got {tuple(imgs.shape[1:])}")
-        p, C = self.patch_size, self.in_chans
-        N, _, H, W = imgs.shape
-        x = imgs.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (N, h, w, C, p, p)
-        return x.reshape(N, (H // p) * (W // p), C * p * p)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent (N, 1 + L_keep, D) -> pred (N, L, p*p*C)."""
@@ -164,10 +153,9 @@ class MaskedAutoencoderViT(nn.Module):
         """Embedded visible tokens and mask tokens back in patch order, plus positions: (N, 1 + L, Dd)."""
         x = self.decoder_embed(latent)  # (N, 1 + L_keep, Dd)
         N, L = ids_restore.shape
-        Dd = x.shape[-1]
         mask_tokens = self.mask_token.expand(N, L + 1 - x.shape[1], -1)  # (N, L - L_keep, Dd)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (N, L, Dd), shuffled order
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))  # unshuffle
+        x_ = gather_tokens(x_, ids_restore)  # unshuffle
         x = torch.cat([x[:, :1, :], x_], dim=1)  # (N, 1 + L, Dd)
         return x + self.decoder_pos_embed
 
@@ -222,8 +210,7 @@ class MaskedAutoencoderViT(nn.Module):
         ids_masked = torch.argsort(ids_restore, dim=1)[:, L - num_masked:]  # (N, L - L_keep)
         x = _block_for_rows(self.decoder_blocks[-1], x, ids_masked + 1)  # (N, L - L_keep, Dd)
         pred = self.decoder_pred(self.decoder_norm(x))  # (N, L - L_keep, p*p*C)
-        index = ids_masked.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # (N, L - L_keep, p*p*C)
-        target = torch.gather(self.target(imgs), 1, index)  # (N, L - L_keep, p*p*C)
+        target = gather_tokens(self.target(imgs), ids_masked)  # (N, L - L_keep, p*p*C)
         return ((pred - target) ** 2).mean()  # mean over removed patches and their pixels
 
     # -- features for probing ----------------------------------------------------------
