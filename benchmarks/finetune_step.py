@@ -35,7 +35,7 @@ from mae.models import model_names
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (  # noqa: E402  (shared with the pretraining benchmark)
-    counted_flops, matmul_ceiling, time_in_turns, timing_results,
+    counted_flops, matmul_ceiling, rated_bf16_flops, time_in_turns, timing_results,
 )
 
 VARIANTS = ("eager", "compiled")
@@ -104,7 +104,8 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, clas
 
     times, warmup_s, peak_mem = time_in_turns({name: (lambda s=step: s(imgs, labels)) for name, step in steps.items()},
                                               args.warmup, args.steps, device, model_name, models)
-    results = timing_results(times, warmup_s, peak_mem, batch, flops, ceiling)
+    rated = rated_bf16_flops(device_name(device)) if device.type == "cuda" else None
+    results = timing_results(times, warmup_s, peak_mem, batch, flops, ceiling, rated)
     speedup = (results["compiled"]["img_per_s"] / results["eager"]["img_per_s"]
                if {"compiled", "eager"} <= results.keys() else None)
     return {"model": model_name, "img_size": img_size, "in_chans": in_chans, "batch_size": batch, "classes": classes,

@@ -161,16 +161,18 @@ def time_in_turns(steps: dict[str, Callable[[], object]], warmup: int, n: int, d
 
 
 def timing_results(times: dict[str, list[float]], warmup_s: dict[str, float], peak_mem: dict[str, float | None],
-                   batch: int, flops_per_image: float, ceiling: float) -> dict[str, dict]:
+                   batch: int, flops_per_image: float, ceiling: float, rated: float | None = None) -> dict[str, dict]:
     """Per step timed by time_in_turns: median and fastest ms, img/s (batch / median), MFU against
-    the matmul ceiling (FLOP/s), peak GiB, warm-up seconds and every timed step's ms."""
+    the matmul ceiling (FLOP/s) and against the card's rated peak (`rated`, FLOP/s; None where
+    unknown), peak GiB, warm-up seconds and every timed step's ms."""
     results = {}
     for name, ts in times.items():
         median = statistics.median(ts)
         img_s = batch / median
         results[name] = {
             "median_ms": 1e3 * median, "min_ms": 1e3 * min(ts), "img_per_s": img_s,
-            "mfu": img_s * flops_per_image / ceiling, "peak_mem_gib": peak_mem[name], "warmup_s": warmup_s[name],
+            "mfu": img_s * flops_per_image / ceiling,
+            "mfu_rated": img_s * flops_per_image / rated if rated else None, "peak_mem_gib": peak_mem[name], "warmup_s": warmup_s[name],
             "times_ms": [1e3 * t for t in ts],
         }
     return results
@@ -429,6 +431,7 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
     imgs = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)  # (N, C, H, W)
     noise = torch.rand(batch, base.num_patches, generator=g).to(device)  # (N, L)
     dtype = autocast_dtype(cfg, device)
+    rated = rated_bf16_flops(device_name(device)) if device.type == "cuda" else None
 
     models, steps = {}, {}
     for name in wanted:
@@ -469,7 +472,7 @@ def bench_config(model_name: str, img_size: int, in_chans: int, batch: int, args
         save()
 
     def record(times: dict[str, list[float]], warmup_s: dict[str, float], peak_mem: dict[str, float | None]) -> None:
-        results = timing_results(times, warmup_s, peak_mem, batch, flops, ceiling)
+        results = timing_results(times, warmup_s, peak_mem, batch, flops, ceiling, rated)
         ratios = {}
         for ours in ("ours-eager", "ours-compiled", *OURS_MODES):
             for hf in ("hf-eager", "hf-compiled"):
@@ -541,13 +544,12 @@ def _with_batch(args: argparse.Namespace, batch: int) -> argparse.Namespace:
 def print_table(report: dict) -> None:
     print(f"\n{report['device_name']}, {report['threads']} threads, torch {report['versions']['torch']}, "
           f"timm {report['versions']['timm']}, transformers {report['versions']['transformers']}")
-    rated = report.get("rated_bf16_flops_per_s")
     print(f"{'model':<24} {'batch':>5} {'variant':<14} {'ms/step':>9} {'img/s':>9} {'MFU':>6} {'rated':>6} "
           f"{'peak GiB':>9}")
     for c in report["configs"]:
         for name, r in c["results"].items():
             mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-            of_rated = f"{100 * r['img_per_s'] * c['train_flops_per_image'] / rated:>5.1f}%" if rated else f"{'-':>6}"
+            of_rated = f"{100 * r['mfu_rated']:>5.1f}%" if r.get("mfu_rated") else f"{'-':>6}"
             print(f"{c['model']:<24} {c['batch_size']:>5} {name:<14} {r['median_ms']:>9.2f} "
                   f"{r['img_per_s']:>9.1f} {100 * r['mfu']:>5.1f}% {of_rated} {mem:>9}")
         print(f"  {c['precision']}, {c['train_flops_per_image'] / 1e9:.2f} GFLOP/image/step, "

@@ -360,3 +360,14 @@ def test_throughput_sdpa_choice_leaves_one_attention_kernel_family():
     assert args.sdpa == "cudnn"
     with pytest.raises(SystemExit):
         bench.parse_args(["--sdpa", "fast"])
+
+
+def test_timing_results_give_mfu_against_the_ceiling_and_the_rated_peak():
+    bench = throughput_benchmark()
+    times = {"ours": [0.5, 0.25, 1.0]}  # median 0.5 s for 100 images: 200 img/s
+    r = bench.timing_results(times, {"ours": 1.0}, {"ours": None}, batch=100, flops_per_image=1e9,
+                             ceiling=4e11, rated=1e12)["ours"]
+    assert r["img_per_s"] == 200 and r["mfu"] == pytest.approx(0.5) and r["mfu_rated"] == pytest.approx(0.2)
+    assert bench.timing_results(times, {"ours": 1.0}, {"ours": None}, 100, 1e9, 4e11)["ours"]["mfu_rated"] is None
+    assert bench.rated_bf16_flops("NVIDIA H200 NVL") == 835e12 and bench.rated_bf16_flops("NVIDIA H200") == 989e12
+    assert bench.rated_bf16_flops("NVIDIA A10") is None
