@@ -104,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compiles)")
     p.add_argument("--check-steps", type=int, default=0, help="loss-curve check length (0: skip)")
     p.add_argument("--check-batch", type=int, default=None, help="the loss-curve check's batch (default: the config's)")
+    p.add_argument("--check-lr", type=float, default=LR,
+                   help="the loss-curve check's fixed lr (the paper's base lr; ViT-B sat at the trivial answer at 10x)")
     p.add_argument("--device", default="auto", help="auto (as train.device: cuda, else mps, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -286,21 +288,30 @@ def flops_per_image(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Ten
 
 
 def check_images(g: torch.Generator, pool: int, batch: int, in_chans: int, img_size: int, patch_size: int,
-                 device: torch.device) -> torch.Tensor:
-    """(pool, batch, C, H, W) images in [-1, 1] for the loss-curve check: random grids at three
-    scales, bilinear-upsampled and summed: 4 x 4 cells over the image (amplitude 1), one cell
-    per patch (0.5) and 4 x 4 cells per patch (0.25, at most one per pixel); the check cycles
-    through this pool of batches. Meant to give the model detail to go on fitting; it did
-    not: on an H200 ViT-B/16 reached the trivial norm-pix answer (each patch's mean, loss
-    1.0) within about 40 steps and stayed there (BENCHMARKS.md), as the micro model does on
-    a CPU (about 0.94). Images a model goes on learning for hundreds of steps are still owed."""
-    side = img_size // patch_size
-    out = torch.zeros(pool, batch, in_chans, img_size, img_size, device=device)
-    for cells, amplitude in ((4, 1.0), (side, 0.5), (min(4 * side, img_size), 0.25)):
-        grid = torch.rand(pool * batch, in_chans, cells, cells, generator=g, device=device) * 2 - 1
-        up = torch.nn.functional.interpolate(grid, size=img_size, mode="bilinear")
-        out += amplitude * up.view_as(out)
-    return out / 1.75
+                 device: torch.device, discs: int = 48) -> torch.Tensor:
+    """(pool, batch, C, H, W) images in [-1, 1] for the loss-curve check: "dead leaves", a
+    random background overlaid with `discs` opaque discs of uniform random colour, centre
+    and a radius of density proportional to r^-3 between half a patch and half the image
+    (scale-invariant, as natural images roughly are: Lee, Mumford and Huang, 2001). A masked
+    patch's edges continue its visible neighbours', so the model has something to learn
+    from context; the check cycles through this pool of batches.
+
+    Chosen on this CPU (2026-11-30, ViT-B/16 at 224 px, batch 8, float32, 80 steps; the
+    run is in BENCHMARKS.md): at lr 1.5e-4 the mean loss of steps 71-80 was 0.851 on these
+    images and still falling (0.927 at steps 31-40), against 1.000 on the random grids used
+    before, which is the trivial norm-pix answer (each patch's mean) that ViT-B also sat at
+    on the H200; at lr 1.5e-3 both sat at 1.01."""
+    n, side = pool * batch, torch.arange(img_size, device=device) + 0.5
+    yy, xx = side.view(-1, 1), side.view(1, -1)  # pixel centres, broadcast to (H, W)
+    img = (torch.rand(n, in_chans, 1, 1, generator=g, device=device) * 2 - 1).expand(-1, -1, img_size, img_size)
+    r_min, r_max = patch_size / 2, img_size / 2
+    for _ in range(discs):  # later discs cover earlier ones
+        u = torch.rand(n, 1, 1, 1, generator=g, device=device)
+        radius = (r_min**-2 - u * (r_min**-2 - r_max**-2)) ** -0.5  # inverse CDF of r^-3 on [r_min, r_max]
+        cy, cx = (img_size * torch.rand(2, n, 1, 1, 1, generator=g, device=device)).unbind(0)
+        colour = torch.rand(n, in_chans, 1, 1, generator=g, device=device) * 2 - 1
+        img = torch.where((yy - cy) ** 2 + (xx - cx) ** 2 < radius**2, colour, img)
+    return img.reshape(pool, batch, in_chans, img_size, img_size)
 
 
 def loss_curve_check(model_name: str, img_size: int, in_chans: int, args, device: torch.device,
@@ -309,7 +320,7 @@ def loss_curve_check(model_name: str, img_size: int, in_chans: int, args, device
     """Ours as the engine runs it (compiled, engine precision) vs ours eager float32.
 
     Same initial weights, same batches (a pool of `pool` batches of check_images, cycled),
-    same masks, `--check-steps` steps at a fixed lr. A third run is the yardstick: ours
+    same masks, `--check-steps` steps at a fixed lr (`--check-lr`). A third run is the yardstick: ours
     eager at the engine's precision ("engine-eager"), whose distance from float32 is by
     definition the precision's own noise (bf16 rounding, compounded by training's chaos);
     the compiled engine must stay within it (see compare_curves). `engine_lr_scale`
@@ -331,12 +342,12 @@ def loss_curve_check(model_name: str, img_size: int, in_chans: int, args, device
         model = build_mae(model_name, img_size=img_size, in_chans=in_chans,
                           norm_pix_loss=not args.no_norm_pix_loss).to(device)
         model.load_state_dict(base.state_dict())
-        steps[name] = TrainStep(model, build_optimizer(model, cfg, 10 * LR * lr_scale), cfg, device)
+        steps[name] = TrainStep(model, build_optimizer(model, cfg, args.check_lr * lr_scale), cfg, device)
         masks[name] = torch.Generator(device=device).manual_seed(args.seed + 2)  # the same masks for every run
     g = torch.Generator(device=device).manual_seed(args.seed + 1)
     images = check_images(g, pool, batch, in_chans, img_size, base.patch_size, device)
-    report = {"steps": args.check_steps, "steps_done": 0, "batch_size": batch, "pool_batches": pool,
-              "complete": False, "engine_lr_scale": engine_lr_scale,
+    report = {"steps": args.check_steps, "steps_done": 0, "batch_size": batch, "lr": args.check_lr,
+              "pool_batches": pool, "complete": False, "engine_lr_scale": engine_lr_scale,
               "engine_precision": str(autocast_dtype(engine, device) or "float32").removeprefix("torch.")}
     losses: dict[str, list[torch.Tensor]] = {name: [] for name in runs}
 

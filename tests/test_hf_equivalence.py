@@ -286,6 +286,7 @@ def test_throughput_benchmark_smoke(tmp_path):
     (config,) = result["configs"]
     assert set(config["results"]) == {"ours-eager", "hf-eager"} and config["timed_rounds"] == 2
     curve = config["loss_curve"]
+    assert curve["lr"] == 1.5e-4  # the paper's base lr unless --check-lr says otherwise
     assert curve["complete"] and {k: len(v) for k, v in curve["losses"].items()} == {
         "fp32-eager": 20, "engine-eager": 20, "engine": 20}
     # on CPU the engine computes in float32 too: its eager twin is float32's curve exactly, and
@@ -371,3 +372,14 @@ def test_timing_results_give_mfu_against_the_ceiling_and_the_rated_peak():
     assert bench.timing_results(times, {"ours": 1.0}, {"ours": None}, 100, 1e9, 4e11)["ours"]["mfu_rated"] is None
     assert bench.rated_bf16_flops("NVIDIA H200 NVL") == 835e12 and bench.rated_bf16_flops("NVIDIA H200") == 989e12
     assert bench.rated_bf16_flops("NVIDIA A10") is None
+
+
+def test_check_images_are_dead_leaves():
+    """Opaque discs over a background: each image is made of at most discs + 1 colours, in [-1, 1]."""
+    bench = throughput_benchmark()
+    imgs = bench.check_images(torch.Generator().manual_seed(0), 2, 3, 3, 32, 4, torch.device("cpu"), discs=5)
+    assert imgs.shape == (2, 3, 3, 32, 32) and -1 <= imgs.min() and imgs.max() <= 1
+    for img in imgs.flatten(0, 1):  # (C, H, W)
+        colours = img.flatten(1).T.unique(dim=0)
+        assert 2 <= len(colours) <= 6  # the last disc drawn shows: nothing covers it
+    assert not torch.equal(imgs[0], imgs[1])
