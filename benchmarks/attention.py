@@ -15,18 +15,25 @@ at the step's batch and precision, for each kernel:
   and the padding dropped after. The same result: zeros add nothing to q.k, and the
   padded output columns are cut off; the scale stays 1/sqrt(the real head dim).
 
-and prints per stage (encoder, decoder, decoder's last block) and kernel: ms per call,
-ms per training step (calls x depth), TFLOP/s (useful work: QK^T and AV forward, four
-products back, at the real head dim), and the error of output and gradients against
-float32 math on the same inputs, relative to their largest magnitude. The last lines:
-each stage's fastest kernel and what the step's attention would cost with those, against
-auto. A kernel that cannot run a shape on this device is listed with torch's reason.
+q, k and v are laid out as the model's are: views of one qkv projection, (B, N, 3, H, D)
+permuted, and the output's gradient arrives as (B, N, H, D) transposed, as it does from
+the projection after attention. Per stage (encoder, decoder, decoder's last block) and
+kernel it prints: the wall time of a call (calls queued back to back, as a step queues
+its blocks; host launch overhead included, which a compiled step hides), the kernels'
+own time per call and per training step (calls x depth; torch.profiler over one round,
+as profile_step.py counts, so comparable with its attention figure), TFLOP/s on that
+kernel time (useful work: QK^T and AV forward, four products back, at the real head
+dim), and the error of output and gradients against float32 math on the same inputs,
+relative to their largest magnitude. The last line: each stage's fastest kernel by kernel
+time and what the step's attention would cost with those, against auto. A kernel that
+cannot run a shape on this device is listed with torch's error and warnings. Exits
+non-zero if no kernel ran at some stage.
 
     # one H100 / H200: ViT-B/16's step at batch 256 in bf16 (not run on a GPU yet; only flex compiles)
     python benchmarks/attention.py --model mae_vit_base_patch16 --img-size 224 --batch-size 256 \\
         --json results/bench/attention_vit_b.json
-    # this CPU (float32), to check the code paths
-    python benchmarks/attention.py --batch-size 16 --kernels auto,math,flash,flex,math+pad64
+    # this CPU (float32), to check the code paths (flex_attention has no CPU backward)
+    python benchmarks/attention.py --batch-size 16 --kernels auto,math,flash,math+pad64
 """
 
 import argparse
@@ -36,6 +43,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +56,9 @@ from mae.engine import device_name, select_device, synchronize
 from mae.files import write_text_atomic
 from mae.masking import num_visible
 from mae.models import model_names
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_step import breakdown  # noqa: E402  (kernel time as the step's profile counts it)
 
 SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -133,17 +144,34 @@ def attention_fn(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def inputs(batch: int, s: dict, dtype: torch.dtype, device: torch.device, g: torch.Generator) -> tuple:
-    """q, k, v with gradients on, and the gradient of the output to send back."""
-    def randn(n):
-        return torch.randn(batch, s["heads"], n, s["head_dim"], generator=g).to(device=device, dtype=dtype)
-    q, k, v = randn(s["queries"]), randn(s["keys"]), randn(s["keys"])
-    return (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), randn(s["queries"])
+    """The stage's leaf tensors (gradients on), the function that makes q, k, v (B, H, Q or K, D)
+    from them in the model's layout, and the gradient of the output to send back.
+
+    As in timm's Attention: one (B, N, 3, H, D) projection, permuted; in the last decoder
+    block (`_block_for_rows`) queries from their own (B, R, H, D) projection and keys and
+    values from a (B, T, 2, H, D) one. The output's gradient comes from the projection
+    after attention, (B, Q, H, D) transposed."""
+    B, H, D, Q, K = batch, s["heads"], s["head_dim"], s["queries"], s["keys"]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    if Q == K:
+        leaves = (randn(B, K, 3, H, D).requires_grad_(),)
+
+        def views(qkv):
+            return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        leaves = (randn(B, Q, H, D).requires_grad_(), randn(B, K, 2, H, D).requires_grad_())
+
+        def views(q, kv):
+            return (q.transpose(1, 2), *kv.permute(2, 0, 3, 1, 4).unbind(0))
+    return leaves, views, randn(B, Q, H, D).transpose(1, 2)
 
 
-def forward_backward(attend: Callable, qkv: tuple, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The output and the gradients of q, k and v."""
-    out = attend(*qkv)
-    return (out.detach(), *torch.autograd.grad(out, qkv, grad))
+def forward_backward(attend: Callable, leaves: tuple, views: Callable, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The output and the gradients of the leaves q, k and v come from."""
+    out = attend(*views(*leaves))
+    return (out.detach(), *torch.autograd.grad(out, leaves, grad))
 
 
 def relative_error(got: tuple, ref: tuple) -> float:
@@ -153,8 +181,8 @@ def relative_error(got: tuple, ref: tuple) -> float:
 
 def time_calls(run: Callable[[], object], warmup: int, rounds: int, per_round: int,
                device: torch.device) -> list[float]:
-    """Seconds per call: `rounds` rounds of `per_round` calls queued back to back (as a step
-    queues its blocks), the device synchronised only around each round."""
+    """Wall seconds per call: `rounds` rounds of `per_round` calls queued back to back (as a
+    step queues its blocks), the device synchronised only around each round."""
     for _ in range(warmup):
         run()
     times = []
@@ -168,30 +196,53 @@ def time_calls(run: Callable[[], object], warmup: int, rounds: int, per_round: i
     return times
 
 
+def kernel_seconds(run: Callable[[], object], per_round: int, device: torch.device) -> float:
+    """Seconds per call spent in kernels (CUDA; aten operators' self time on a CPU) over one
+    profiled round, as profile_step.py's breakdown counts a step's."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(per_round):
+            run()
+        synchronize(device)
+    per_category, _ = breakdown(prof, device, per_round)
+    return sum(per_category.values()) / 1e3
+
+
 def bench_stage(s: dict, kernels: list[str], args, device: torch.device, dtype: torch.dtype) -> dict:
-    """Each kernel's time and error at one stage's shapes; a kernel that cannot run gets its reason."""
+    """Each kernel's times and error at one stage's shapes; a kernel that cannot run gets torch's
+    error and the warnings it gave (on CUDA the reasons a backend declines come as warnings)."""
     g = torch.Generator().manual_seed(args.seed)
-    qkv, grad = inputs(args.batch_size, s, dtype, device, g)
-    ref_qkv = tuple(t.detach().float().requires_grad_() for t in qkv)
+    leaves, views, grad = inputs(args.batch_size, s, dtype, device, g)
+    ref_leaves = tuple(t.detach().float().requires_grad_() for t in leaves)
     with sdpa_kernel(SDPBackend.MATH):
-        ref = forward_backward(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), ref_qkv, grad.float())
+        ref = forward_backward(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), ref_leaves, views,
+                               grad.float())
     flops = useful_flops(args.batch_size, s)
+    per_round = max(s["calls"], 4)
     results = {}
     for kernel in kernels:
         if kernel.endswith("+pad64") and s["head_dim"] % 64 == 0:
             continue  # nothing to pad: the same call as without
         attend = attention_fn(kernel)
+
+        def run(attend=attend):
+            return forward_backward(attend, leaves, views, grad)
         try:
-            got = forward_backward(attend, qkv, grad)
-            times = time_calls(lambda: forward_backward(attend, qkv, grad), args.warmup, args.steps,
-                               max(s["calls"], 4), device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = run()
         except Exception as e:  # noqa: BLE001 -- a backend refusing these shapes is a result
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            results[kernel] = {"error": f"{type(e).__name__}: {reason}"[:300]}
+            said = [str(e).strip() or type(e).__name__, *(str(w.message).strip() for w in caught)]
+            results[kernel] = {"error": f"{type(e).__name__}: " + " | ".join(said)}
             continue
-        ms = 1e3 * statistics.median(times)
-        results[kernel] = {"ms_per_call": ms, "ms_per_step": ms * s["calls"], "tflops": flops / ms / 1e9,
-                           "rel_error": relative_error(got, ref), "times_ms": [1e3 * t for t in times]}
+        wall = time_calls(run, args.warmup, args.steps, per_round, device)
+        kernel_ms = 1e3 * kernel_seconds(run, per_round, device)
+        results[kernel] = {"wall_ms_per_call": 1e3 * statistics.median(wall), "ms_per_call": kernel_ms,
+                           "ms_per_step": kernel_ms * s["calls"], "tflops": flops / kernel_ms / 1e9,
+                           "rel_error": relative_error(got, ref), "wall_times_ms": [1e3 * t for t in wall]}
     return results
 
 
@@ -224,38 +275,48 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"torch": torch.__version__}, "model": args.model, "batch_size": args.batch_size,
         "mask_ratio": args.mask_ratio, "dtype": str(dtype).removeprefix("torch."), "stages": [],
     }
+    print_header(report)
     for s in stages(args.model, args.img_size, args.mask_ratio):
-        print(f"  {s['stage']}: {s['calls']} x ({args.batch_size}, {s['heads']}, {s['queries']}/{s['keys']}, "
-              f"{s['head_dim']})", flush=True)
-        report["stages"].append({**s, "results": bench_stage(s, kernels, args, device, dtype)})
+        stage = {**s, "results": bench_stage(s, kernels, args, device, dtype)}
+        report["stages"].append(stage)
+        print_stage(stage)  # as it goes: a run cut by a time limit still shows the stages it timed
         if args.json:
             write_text_atomic(json.dumps(report, indent=2), args.json)
     report["summary"] = summary(report)
     if args.json:
         write_text_atomic(json.dumps(report, indent=2), args.json)
-    print_table(report)
+    print_summary(report["summary"])
     return report
 
 
-def print_table(report: dict) -> None:
-    print(f"\n{report['device_name']}, torch {report['versions']['torch']}, {report['model']} batch "
-          f"{report['batch_size']}, {report['dtype']}, forward + backward")
-    print(f"{'stage':<13} {'Q/K':>9} {'HxD':>6} {'kernel':<16} {'ms/call':>8} {'ms/step':>8} {'TFLOP/s':>8} "
-          f"{'rel err':>8}")
-    for st in report["stages"]:
-        for kernel, r in st["results"].items():
-            head = (f"{st['stage']:<13} {st['queries']:>5}/{st['keys']:<3} {st['heads']:>3}x{st['head_dim']:<3} "
-                    f"{kernel:<16}")
-            if "error" in r:
-                print(f"{head} {r['error'][:60]}")
-            else:
-                print(f"{head} {r['ms_per_call']:>8.3f} {r['ms_per_step']:>8.3f} {r['tflops']:>8.2f} "
-                      f"{r['rel_error']:>8.1e}")
-    s = report.get("summary")
-    if s:
-        print("fastest: " + ", ".join(f"{k} {v}" for k, v in s["best"].items())
-              + f"; the step's attention {s['ms_per_step_best']:.2f} ms with those, {s['ms_per_step_auto']:.2f} ms auto")
+def print_header(report: dict) -> None:
+    print(f"{report['device_name']}, torch {report['versions']['torch']}, {report['model']} batch "
+          f"{report['batch_size']}, {report['dtype']}, forward + backward; ms are the kernels' own time "
+          f"(wall: per call queued back to back)")
+    print(f"{'stage':<13} {'Q/K':>9} {'HxD':>6} {'kernel':<16} {'wall ms':>8} {'ms/call':>8} {'ms/step':>8} "
+          f"{'TFLOP/s':>8} {'rel err':>8}", flush=True)
+
+
+def print_stage(st: dict) -> None:
+    for kernel, r in st["results"].items():
+        head = (f"{st['stage']:<13} {st['queries']:>5}/{st['keys']:<3} {st['heads']:>3}x{st['head_dim']:<3} "
+                f"{kernel:<16}")
+        if "error" in r:
+            print(f"{head} {r['error'][:70]}")
+        else:
+            print(f"{head} {r['wall_ms_per_call']:>8.3f} {r['ms_per_call']:>8.3f} {r['ms_per_step']:>8.3f} "
+                  f"{r['tflops']:>8.2f} {r['rel_error']:>8.1e}")
+    sys.stdout.flush()
+
+
+def print_summary(s: dict) -> None:
+    if not s:
+        print("no kernel ran at some stage: no summary")
+        return
+    print("fastest: " + ", ".join(f"{k} {v}" for k, v in s["best"].items())
+          + f"; the step's attention {s['ms_per_step_best']:.2f} ms with those, {s['ms_per_step_auto']:.2f} ms auto")
 
 
 if __name__ == "__main__":
-    main()
+    if not main()["summary"]:
+        sys.exit(1)

@@ -174,7 +174,8 @@ def timing_results(times: dict[str, list[float]], warmup_s: dict[str, float], pe
         results[name] = {
             "median_ms": 1e3 * median, "min_ms": 1e3 * min(ts), "img_per_s": img_s,
             "mfu": img_s * flops_per_image / ceiling,
-            "mfu_rated": img_s * flops_per_image / rated if rated else None, "peak_mem_gib": peak_mem[name], "warmup_s": warmup_s[name],
+            "mfu_rated": img_s * flops_per_image / rated if rated else None,
+            "peak_mem_gib": peak_mem[name], "warmup_s": warmup_s[name],
             "times_ms": [1e3 * t for t in ts],
         }
     return results
