@@ -5,7 +5,7 @@ The H200 profile of the compiled ViT-B step (BENCHMARKS.md) put attention at 8.2
 ran at. Its shapes are small for a flash kernel: the encoder attends over 50 tokens (49
 visible + cls) with 64-dim heads, the paper's decoder over 197 with 32-dim heads (512
 wide, 16 heads), and the decoder's last block asks only the masked tokens' queries (the
-loss-only tail, `_block_for_rows`). This times exactly those calls, forward and backward,
+loss-only tail, `_block_for_rows`). This times those calls, forward and backward,
 at the step's batch and precision, for each kernel:
 
 - cudnn, flash, efficient, math: scaled_dot_product_attention with that one backend on
@@ -19,15 +19,19 @@ q, k and v are laid out as the model's are: views of one qkv projection, (B, N, 
 permuted, and the output's gradient arrives as (B, N, H, D) transposed, as it does from
 the projection after attention. Per stage (encoder, decoder, decoder's last block) and
 kernel it prints: the wall time of a call (calls queued back to back, as a step queues
-its blocks; host launch overhead included, which a compiled step hides), the kernels'
-own time per call and per training step (calls x depth; torch.profiler over one round,
-as profile_step.py counts, so comparable with its attention figure), TFLOP/s on that
-kernel time (useful work: QK^T and AV forward, four products back, at the real head
-dim), and the error of output and gradients against float32 math on the same inputs,
-relative to their largest magnitude. The last line: each stage's fastest kernel by kernel
-time and what the step's attention would cost with those, against auto. A kernel that
-cannot run a shape on this device is listed with torch's error and warnings. Exits
-non-zero if no kernel ran at some stage.
+its blocks; eager launch overhead included, which a compiled step hides), the GPU time
+per call and per training step (calls x depth) with that overhead hidden (a sleep kernel
+holds the GPU while the host queues a round; CUDA events time the round: see
+device_seconds), TFLOP/s on that time (useful work: QK^T and AV forward, four products
+back, at the real head dim), and the error of output and gradients against float32 math
+on the same inputs, relative to their largest magnitude. The GPU time is every kernel of
+the call: the attention kernels and the layout copies around them (the backward of
+splitting q, k, v out of one projection stacks their gradients; padding pads and slices),
+which a compiled step may fuse differently; the profile's 8.2 ms is attention kernels only.
+Rows print (and --json is saved) as each kernel finishes. The last line: each stage's
+fastest kernel by that time and what the step's attention would cost with those, against
+auto. A kernel that cannot run a shape on this device is listed with torch's error and
+warnings. Exits non-zero if no kernel ran at some stage.
 
     # one H100 / H200: ViT-B/16's step at batch 256 in bf16 (not run on a GPU yet; only flex compiles)
     python benchmarks/attention.py --model mae_vit_base_patch16 --img-size 224 --batch-size 256 \\
@@ -57,14 +61,12 @@ from mae.files import write_text_atomic
 from mae.masking import num_visible
 from mae.models import model_names
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import breakdown  # noqa: E402  (kernel time as the step's profile counts it)
-
 SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 BASE_KERNELS = ("auto", *SDPA, "flex")
 KERNELS = (*BASE_KERNELS, *(f"{k}+pad64" for k in BASE_KERNELS))
-DEFAULT_KERNELS = ("auto", "cudnn", "flash", "efficient", "flex", "cudnn+pad64", "flash+pad64", "efficient+pad64")
+# flex_attention last: it compiles for each stage's shapes, the slowest part of a run
+DEFAULT_KERNELS = ("auto", "cudnn", "flash", "efficient", "cudnn+pad64", "flash+pad64", "efficient+pad64", "flex")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,15 +99,15 @@ def stages(model: str, img_size: int | None, mask_ratio: float) -> list[dict]:
     m = resolved_model_args(config_from_dict({"model": overrides}))
     patches = (m["img_size"] // m["patch_size"]) ** 2
     tokens = 1 + patches  # cls + every patch: the decoder's length
-    masked = patches - num_visible(patches, mask_ratio)
+    visible = num_visible(patches, mask_ratio)
     enc_dim, dec_dim = m["embed_dim"], m["decoder_embed_dim"]
-    out = [dict(stage="encoder", queries=1 + num_visible(patches, mask_ratio), keys=1 + num_visible(patches, mask_ratio),
+    out = [dict(stage="encoder", queries=1 + visible, keys=1 + visible,  # cls + the visible patches
                 heads=m["num_heads"], head_dim=enc_dim // m["num_heads"], calls=m["depth"])]
     dec = dict(keys=tokens, heads=m["decoder_num_heads"], head_dim=dec_dim // m["decoder_num_heads"])
     if m["decoder_depth"] > 1:
         out.append(dict(stage="decoder", queries=tokens, calls=m["decoder_depth"] - 1, **dec))
     # the last block: the masked tokens' queries only (mae.models.mae._block_for_rows)
-    out.append(dict(stage="decoder-last", queries=masked, calls=1, **dec))
+    out.append(dict(stage="decoder-last", queries=patches - visible, calls=1, **dec))
     return out
 
 
@@ -196,22 +198,49 @@ def time_calls(run: Callable[[], object], warmup: int, rounds: int, per_round: i
     return times
 
 
-def kernel_seconds(run: Callable[[], object], per_round: int, device: torch.device) -> float:
-    """Seconds per call spent in kernels (CUDA; aten operators' self time on a CPU) over one
-    profiled round, as profile_step.py's breakdown counts a step's."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    synchronize(device)
-    with torch.profiler.profile(activities=activities) as prof:
+def device_seconds(run: Callable[[], object], per_round: int, round_s: float, device: torch.device,
+                   rounds: int = 5) -> float | None:
+    """GPU seconds per call with the host's launch overhead hidden, as a compiled step hides it:
+    a sleep kernel holds the GPU while the host queues a round of calls, and CUDA events time
+    the round on the GPU alone. The sleep lasts twice a round's wall time (`round_s`), which
+    is at least the host's queueing time. The median of `rounds` rounds; None off CUDA (on a
+    CPU every call runs as it is issued: its wall time is its cost)."""
+    if device.type != "cuda":
+        return None
+    cycles_per_s = _sleep_cycles_per_second(device)
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        synchronize(device)
+        torch.cuda._sleep(int(2 * round_s * cycles_per_s))
+        start.record()
         for _ in range(per_round):
             run()
-        synchronize(device)
-    per_category, _ = breakdown(prof, device, per_round)
-    return sum(per_category.values()) / 1e3
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / per_round)
+    return statistics.median(times)
 
 
-def bench_stage(s: dict, kernels: list[str], args, device: torch.device, dtype: torch.dtype) -> dict:
+_CYCLES_PER_S: dict[str, float] = {}
+
+
+def _sleep_cycles_per_second(device: torch.device) -> float:
+    """How many torch.cuda._sleep cycles make a second on this GPU (measured once)."""
+    if str(device) not in _CYCLES_PER_S:
+        cycles = 10_000_000
+        torch.cuda._sleep(cycles)  # warm
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _CYCLES_PER_S[str(device)] = cycles / (start.elapsed_time(end) / 1e3)
+    return _CYCLES_PER_S[str(device)]
+
+
+def bench_stage(s: dict, kernels: list[str], args, device: torch.device, dtype: torch.dtype,
+                on_result: Callable[[str, dict], None] | None = None) -> dict:
     """Each kernel's times and error at one stage's shapes; a kernel that cannot run gets torch's
     error and the warnings it gave (on CUDA the reasons a backend declines come as warnings)."""
     g = torch.Generator().manual_seed(args.seed)
@@ -237,12 +266,18 @@ def bench_stage(s: dict, kernels: list[str], args, device: torch.device, dtype: 
         except Exception as e:  # noqa: BLE001 -- a backend refusing these shapes is a result
             said = [str(e).strip() or type(e).__name__, *(str(w.message).strip() for w in caught)]
             results[kernel] = {"error": f"{type(e).__name__}: " + " | ".join(said)}
+            if on_result is not None:
+                on_result(kernel, results[kernel])
             continue
         wall = time_calls(run, args.warmup, args.steps, per_round, device)
-        kernel_ms = 1e3 * kernel_seconds(run, per_round, device)
-        results[kernel] = {"wall_ms_per_call": 1e3 * statistics.median(wall), "ms_per_call": kernel_ms,
-                           "ms_per_step": kernel_ms * s["calls"], "tflops": flops / kernel_ms / 1e9,
-                           "rel_error": relative_error(got, ref), "wall_times_ms": [1e3 * t for t in wall]}
+        wall_s = statistics.median(wall)
+        gpu_s = device_seconds(run, per_round, wall_s * per_round, device)
+        ms = 1e3 * (gpu_s if gpu_s is not None else wall_s)
+        results[kernel] = {"wall_ms_per_call": 1e3 * wall_s, "ms_per_call": ms, "ms_per_step": ms * s["calls"],
+                           "tflops": flops / ms / 1e9, "rel_error": relative_error(got, ref),
+                           "wall_times_ms": [1e3 * t for t in wall]}
+        if on_result is not None:
+            on_result(kernel, results[kernel])
     return results
 
 
@@ -276,12 +311,20 @@ def main(argv: list[str] | None = None) -> dict:
         "mask_ratio": args.mask_ratio, "dtype": str(dtype).removeprefix("torch."), "stages": [],
     }
     print_header(report)
-    for s in stages(args.model, args.img_size, args.mask_ratio):
-        stage = {**s, "results": bench_stage(s, kernels, args, device, dtype)}
-        report["stages"].append(stage)
-        print_stage(stage)  # as it goes: a run cut by a time limit still shows the stages it timed
+
+    def save() -> None:
         if args.json:
             write_text_atomic(json.dumps(report, indent=2), args.json)
+
+    for s in stages(args.model, args.img_size, args.mask_ratio):
+        stage = {**s, "results": {}}
+        report["stages"].append(stage)
+
+        def keep(kernel: str, result: dict, stage=stage) -> None:  # as it goes: a cut run keeps what it timed
+            stage["results"][kernel] = result
+            print_row(stage, kernel, result)
+            save()
+        bench_stage(s, kernels, args, device, dtype, on_result=keep)
     report["summary"] = summary(report)
     if args.json:
         write_text_atomic(json.dumps(report, indent=2), args.json)
@@ -291,22 +334,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_header(report: dict) -> None:
     print(f"{report['device_name']}, torch {report['versions']['torch']}, {report['model']} batch "
-          f"{report['batch_size']}, {report['dtype']}, forward + backward; ms are the kernels' own time "
-          f"(wall: per call queued back to back)")
+          f"{report['batch_size']}, {report['dtype']}, forward + backward; ms: GPU time with launches hidden "
+          f"(on a CPU: wall); wall: per call queued back to back")
     print(f"{'stage':<13} {'Q/K':>9} {'HxD':>6} {'kernel':<16} {'wall ms':>8} {'ms/call':>8} {'ms/step':>8} "
           f"{'TFLOP/s':>8} {'rel err':>8}", flush=True)
 
 
-def print_stage(st: dict) -> None:
-    for kernel, r in st["results"].items():
-        head = (f"{st['stage']:<13} {st['queries']:>5}/{st['keys']:<3} {st['heads']:>3}x{st['head_dim']:<3} "
-                f"{kernel:<16}")
-        if "error" in r:
-            print(f"{head} {r['error'][:70]}")
-        else:
-            print(f"{head} {r['wall_ms_per_call']:>8.3f} {r['ms_per_call']:>8.3f} {r['ms_per_step']:>8.3f} "
-                  f"{r['tflops']:>8.2f} {r['rel_error']:>8.1e}")
-    sys.stdout.flush()
+def print_row(st: dict, kernel: str, r: dict) -> None:
+    head = (f"{st['stage']:<13} {st['queries']:>5}/{st['keys']:<3} {st['heads']:>3}x{st['head_dim']:<3} "
+            f"{kernel:<16}")
+    if "error" in r:
+        print(f"{head} {r['error'][:70]}", flush=True)
+    else:
+        print(f"{head} {r['wall_ms_per_call']:>8.3f} {r['ms_per_call']:>8.3f} {r['ms_per_step']:>8.3f} "
+              f"{r['tflops']:>8.2f} {r['rel_error']:>8.1e}", flush=True)
 
 
 def print_summary(s: dict) -> None:

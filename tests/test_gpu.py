@@ -121,3 +121,17 @@ def test_each_step_replayed_as_a_cuda_graph_draws_a_fresh_mask():
     drawn = torch.stack([step(imgs, None) for _ in range(5)])[2:].float().cpu()
     assert torch.allclose(same, same[0].expand(3), rtol=1e-5), same
     assert len(set(drawn.tolist())) == 3, drawn
+
+
+def test_attention_benchmark_times_gpu_work_without_launch_overhead():
+    """benchmarks/attention.py on the GPU: the sleep-then-events time of a call is GPU work with
+    the host's launches hidden, so it is no longer than the wall time of calls queued back to
+    back (the micro model's calls are tiny: launch-bound), and bf16 stays close to float32."""
+    report = load_benchmark("attention").main(["--batch-size", "64", "--kernels", "auto,math,math+pad64",
+                                               "--steps", "3", "--device", "cuda"])
+    for st in report["stages"]:
+        for kernel, r in st["results"].items():
+            assert "error" not in r, (st["stage"], kernel, r)
+            assert 0 < r["ms_per_call"] <= 1.1 * r["wall_ms_per_call"], (st["stage"], kernel, r)
+            assert r["rel_error"] < 3e-2, (st["stage"], kernel, r)  # bf16's 8 bits, through softmax and back
+    assert report["summary"]["best"]
