@@ -42,6 +42,7 @@ warnings. Exits non-zero if no kernel ran at some stage.
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import statistics
@@ -208,35 +209,34 @@ def device_seconds(run: Callable[[], object], per_round: int, round_s: float, de
     if device.type != "cuda":
         return None
     cycles_per_s = _sleep_cycles_per_second(device)
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        synchronize(device)
-        torch.cuda._sleep(int(2 * round_s * cycles_per_s))
-        start.record()
+
+    def round_of_calls() -> None:
         for _ in range(per_round):
             run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / per_round)
+    times = []
+    for _ in range(rounds):
+        synchronize(device)
+        torch.cuda._sleep(int(2 * round_s * cycles_per_s))
+        times.append(_event_seconds(round_of_calls) / per_round)
     return statistics.median(times)
 
 
-_CYCLES_PER_S: dict[str, float] = {}
+def _event_seconds(work: Callable[[], object]) -> float:
+    """GPU seconds from work()'s first queued kernel to its last, by CUDA events on the current stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    work()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
+@functools.cache
 def _sleep_cycles_per_second(device: torch.device) -> float:
     """How many torch.cuda._sleep cycles make a second on this GPU (measured once)."""
-    if str(device) not in _CYCLES_PER_S:
-        cycles = 10_000_000
-        torch.cuda._sleep(cycles)  # warm
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        end.synchronize()
-        _CYCLES_PER_S[str(device)] = cycles / (start.elapsed_time(end) / 1e3)
-    return _CYCLES_PER_S[str(device)]
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)  # warm
+    return cycles / _event_seconds(lambda: torch.cuda._sleep(cycles))
 
 
 def bench_stage(s: dict, kernels: list[str], args, device: torch.device, dtype: torch.dtype,

@@ -250,11 +250,10 @@ def _block_for_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.
         raise ValueError("_block_for_rows supports plain pre-norm blocks only")
     N, T, D = x.shape
     H = attn.num_heads
-    index = rows.unsqueeze(-1).expand(-1, -1, D)  # (N, R, D)
-    picked = torch.gather(x, 1, index)  # (N, R, D)
+    picked = gather_tokens(x, rows)  # (N, R, D)
     h = block.norm1(x)  # (N, T, D)
     w, b = attn.qkv.weight, attn.qkv.bias  # rows ordered q, k, v
-    q = F.linear(torch.gather(h, 1, index), w[:D], b[:D])  # (N, R, D)
+    q = F.linear(gather_tokens(h, rows), w[:D], b[:D])  # (N, R, D)
     kv = F.linear(h, w[D:], b[D:]).reshape(N, T, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (2, N, H, T, D/H)
     q = q.reshape(N, -1, H, D // H).transpose(1, 2)  # (N, H, R, D/H)
     out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (N, H, R, D/H)
