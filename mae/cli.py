@@ -17,7 +17,8 @@ import torch
 
 from mae.checkpoint import CheckpointError, ResumeRefusedError, load_checkpoint
 from mae.config import (
-    ConfigError, ExperimentConfig, apply_overrides, config_from_dict, load_config, resolved_model_args, to_dict,
+    ConfigError, ExperimentConfig, apply_overrides, config_from_dict, load_config, override_text, resolved_model_args,
+    to_dict,
 )
 from mae.data import DATA_DIR_ENV, CorruptDatasetError, DatasetNotFoundError
 from mae.files import cleanup_on_termination, write_text_atomic
@@ -72,13 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_overrides(args: argparse.Namespace, **flags: str | None) -> list[str]:
+    """--set's overrides, then the flags' values (--data-dir, --device and `flags`: {"data.key": value}),
+    each taken as the string given (a folder named "a #2" or "2024" stays that folder)."""
+    flags = {"data.data_dir": args.data_dir, "train.device": args.device, **flags}
+    return list(args.overrides) + [override_text(k, v) for k, v in flags.items() if v]
+
+
 def _with_cli_values(values: dict, args: argparse.Namespace) -> ExperimentConfig:
-    extra = list(args.overrides)
-    if args.data_dir:
-        extra.append(f"data.data_dir={args.data_dir}")
-    if args.device:
-        extra.append(f"train.device={args.device}")
-    return config_from_dict(apply_overrides(values, extra))
+    return config_from_dict(apply_overrides(values, _cli_overrides(args)))
 
 
 def _checkpoint_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict]:
@@ -97,7 +100,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from mae.engine import model_with_weights, pretrain, summarize_history
     from mae.probe import quick_probe
 
-    cfg = _with_cli_values(to_dict(load_config(args.config)), args)
+    cfg = load_config(args.config, _cli_overrides(args))  # checked as a whole, as the Ray jobs check theirs
     run_dir = Path(args.out or Path("runs") / cfg.name)
     log.info("pretraining %s into %s", cfg.model.name, run_dir)
     try:
@@ -189,11 +192,8 @@ def cmd_predecode(args: argparse.Namespace) -> int:
     from mae.data import imagefolder_root
     from mae.predecoded import write_store
 
-    values = to_dict(load_config(args.config))
-    values["data"]["dataset"] = "imagefolder"
-    if args.out:
-        values["data"]["predecoded_dir"] = args.out
-    cfg = _with_cli_values(values, args)
+    cfg = load_config(args.config, _cli_overrides(args, **{"data.dataset": "imagefolder",
+                                                           "data.predecoded_dir": args.out}))
     if not cfg.data.predecoded_dir:
         raise ConfigError("predecode: give --out (or data.predecoded_dir in the config): the store folder to create")
     if args.short_side < 0:

@@ -301,7 +301,9 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         path, value = parse_override(text)
         node = values
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section whose entries are all commented out
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part} is not a section")
         node[path[-1]] = value
@@ -340,10 +342,15 @@ def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+def override_text(key: str, value: Any) -> str:
+    """The override that sets `key` to exactly `value`: "data.data_dir='/d/a #2'" for "/d/a #2"
+    (written as YAML, so that `parse_override` reads back the value itself, not a comment or a number)."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
 def replace(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
     """A copy with {"mask.ratio": 0.5, ...} applied and validated (sweeps use this)."""
-    texts = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-             for k, v in overrides.items()]
+    texts = [override_text(k, v) for k, v in overrides.items()]
     new = config_from_dict(apply_overrides(to_dict(cfg), texts))
     if any(k.startswith(("mask.", "model.")) for k in overrides):  # a sweep point's own masking
         check_grid_mask(new)

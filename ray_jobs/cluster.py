@@ -30,7 +30,7 @@ from pathlib import Path
 import ray
 
 from mae.config import ExperimentConfig, replace
-from mae.data import DatasetNotFoundError, check_dataset
+from mae.data import DATA_DIR_ENV, DatasetNotFoundError, check_dataset
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,23 @@ def cluster_address(address: str | None) -> str | None:
 
 
 def absolute_data_dir(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Ray's workers run in other working directories: anchor a relative data_dir at ours."""
-    d = cfg.data.data_dir
-    if d and "://" not in d and not os.path.isabs(d):
-        return replace(cfg, {"data.data_dir": str(Path(d).resolve())})
-    return cfg
+    """Ray's workers run in other working directories: anchor a relative data.data_dir, data.predecoded_dir
+    or $MAE_DATA_DIR at ours, and expand a ~ in them, as `python -m mae` does, before the workers see them."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if not cfg.data.data_dir and env and _local_path(env) != env:  # an embedded Ray's workers inherit it
+        os.environ[DATA_DIR_ENV] = _local_path(env)
+    changed = {key: _local_path(d) for key, d in (("data.data_dir", cfg.data.data_dir),
+                                                  ("data.predecoded_dir", cfg.data.predecoded_dir))
+               if d and _local_path(d) != d}
+    return replace(cfg, changed) if changed else cfg
+
+
+def _local_path(d: str) -> str:
+    """A local folder's absolute path, ~ expanded (a URI as it is)."""
+    if "://" in d or os.path.isabs(d):
+        return d
+    p = Path(d).expanduser()
+    return str(p if p.is_absolute() else p.resolve())
 
 
 def check_dataset_here(cfgs: list[ExperimentConfig], address: str | None, splits: tuple[str, ...]) -> None:

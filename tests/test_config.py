@@ -74,6 +74,24 @@ def test_yaml_file_and_overrides(tmp_path):
         replace(cfg, {"mask.ratio": 1.0})
 
 
+def test_a_section_with_every_entry_commented_out_takes_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  # epochs: 3\nsweep:\n  space:\n")  # both sections are null in YAML
+    cfg = load_config(path, ["train.epochs=5", "sweep.space.mask.ratio=[0.5, 0.75]"])
+    assert cfg.train.epochs == 5 and cfg.sweep.space == {"mask": {"ratio": [0.5, 0.75]}}
+
+
+def test_command_line_values_are_checked_with_the_file_and_taken_as_given(tmp_path, capsys):
+    from mae.cli import _cli_overrides, build_parser, main
+
+    # --set is checked as the file is: a grid mask on the default 7 x 7 patches is refused, not half random
+    assert main(["pretrain", "--set", "mask.strategy=grid", "--out", str(tmp_path / "run")]) == 2
+    assert "mask.strategy: 'grid'" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    for folder in ("/data/fmnist #2", "2024", "/data/x: y", "~/data"):  # not read as a comment, number or mapping
+        args = build_parser().parse_args(["pretrain", "--data-dir", folder])
+        assert load_config(None, _cli_overrides(args)).data.data_dir == folder
+
+
 def test_unknown_key_in_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  nmae: mae_vit_micro_patch4\n")

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from mae.checkpoint import (
     CheckpointError, checkpoint_folders, latest_checkpoint, load_checkpoint, prune_checkpoints,
-    save_checkpoint,
+    save_checkpoint, save_epoch_checkpoint,
 )
 from mae.config import load_config
 from mae.engine import (
@@ -262,6 +262,13 @@ def test_pruning_removes_what_interrupted_saves_left(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "rename", other_rank_first)
     assert [p.name for p in checkpoint_folders(tmp_path)] == ["checkpoint-0001", "checkpoint-0002"]
+
+
+def test_checkpoints_past_epoch_9999_are_ordered_by_epoch(tmp_path):
+    for epoch in (9998, 9999, 10000):
+        save_epoch_checkpoint(tmp_path, epoch, {"model": {}, "epoch": epoch}, keep=2)
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["checkpoint-9999", "checkpoint-10000"]
+    assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 10000
 
 
 def test_checkpoint_with_code_is_refused(tmp_path, capsys):

@@ -374,6 +374,12 @@ def test_cli_converts_and_refuses_to_overwrite(tmp_path, capsys):
     assert "give --out" in capsys.readouterr().err
     assert main(["predecode", "--data-dir", str(src), "--out", str(tmp_path / "other"), "--workers", "-1"]) == 2
     assert "--workers must be >= 0" in capsys.readouterr().err and not list(tmp_path.glob("other*"))
+    # a config switched to the pipeline before its store exists (the order the ImageNet config's comment gives):
+    # --out is the store to make, and the folder named "in #2" is that folder, not "in"
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("data:\n  dataset: imagefolder\n  pipeline: predecoded\n")
+    assert main(["predecode", "--config", str(spec), "--data-dir", str(src), "--out", str(tmp_path / "in #2")]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 5 and (tmp_path / "in #2").is_dir()
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@
 The end-to-end Ray runs are in test_ray_sweep.py.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -319,6 +320,23 @@ def test_workers_that_cannot_fit_beside_their_trial_driver_are_refused(monkeypat
     cluster.check_fits(2, {"CPU": 0.99})  # they fit beside it
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, cluster.TRIAL_DRIVER: 2.0})
     cluster.check_fits(2, {"CPU": 1.0})  # the driver takes its own resource
+
+
+def test_folders_are_made_absolute_before_ray_workers_see_them(tmp_path, monkeypatch):
+    # Train workers run in Ray's session folder: a relative folder or a ~ there names nothing
+    from ray_jobs import cluster
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MAE_DATA_DIR", "fmnist")
+    cfg = cluster.absolute_data_dir(load_config(None, ["data.dataset=imagefolder", "data.data_dir=~/in",
+                                                       "data.pipeline=predecoded", "data.predecoded_dir=stores/in"]))
+    assert (cfg.data.data_dir, cfg.data.predecoded_dir) == (str(tmp_path / "home/in"), str(tmp_path / "stores/in"))
+    assert os.environ["MAE_DATA_DIR"] == "fmnist"  # data_dir is set, so the variable is not read
+    assert cluster.absolute_data_dir(load_config(None)).data.data_dir is None
+    assert os.environ["MAE_DATA_DIR"] == str(tmp_path / "fmnist")  # inherited by an embedded Ray's workers
+    cfg = load_config(None, ["data.data_dir=/abs/x/", "data.predecoded_dir=s3://bucket/store"])
+    assert cluster.absolute_data_dir(cfg) == cfg  # absolute folders and URIs are left as given
 
 
 def test_asha_counts_epochs_so_a_retried_trial_still_reaches_its_probe():
