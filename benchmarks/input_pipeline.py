@@ -61,7 +61,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, RandomSampler
 
-from mae.config import COMPILE_MODES, absolute_lr, load_config, resolved_model_args
+from mae.config import COMPILE_MODES, absolute_lr, load_config, override_text, resolved_model_args
 from mae.device_input import Prefetcher, build_pretrain_input, build_train_input
 from mae.predecoded import PredecodedImages, write_store
 from mae.engine import (
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{args.image_size[1]}x{args.image_size[0]}, mean {jpeg_kb:.1f} KB, "
               f"in {root} ({time.perf_counter() - t0:.1f} s)")
         overrides = [
-            "data.dataset=imagefolder", f"data.data_dir={root}", f"data.num_workers={args.workers}",
+            "data.dataset=imagefolder", override_text("data.data_dir", str(root)), f"data.num_workers={args.workers}",
             f"model.name={args.model}", f"model.img_size={args.img_size}", "model.in_chans=3",
             f"mask.ratio={args.mask_ratio}", f"train.seed={args.seed}", f"train.batch_size={args.batch_size}",
             f"train.compile={args.compile}", f"train.compile_mode={args.compile_mode}",
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
                 predecode_s = time.perf_counter() - t0
             print(f"store of {len(PredecodedImages(store))} images, shorter side <= {args.short_side}, in {store} "
                   + (f"({predecode_s:.1f} s, {args.workers} workers)" if predecode_s is not None else "(reused)"))
-            overrides.append(f"data.predecoded_dir={store}")
+            overrides.append(override_text("data.predecoded_dir", str(store)))
             store_info = {"short_side": args.short_side, "seconds": predecode_s,
                           "mb": (store / "images.u8").stat().st_size / 1e6}
         cfgs = {a: load_config(None, overrides + [f"data.pipeline={ARMS[a][0]}"]) for a in arms}

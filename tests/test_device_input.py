@@ -555,21 +555,22 @@ def test_cuda_prefetch_matches_inline_and_trains_under_cuda_graphs(tmp_path):
 
 
 def test_input_pipeline_benchmark_smoke(tmp_path):
-    """benchmarks/input_pipeline.py runs each arm end to end at toy size and writes its JSON."""
+    """benchmarks/input_pipeline.py runs each arm end to end at toy size and writes its JSON (in a folder
+    whose name holds " #", which YAML would read as a comment)."""
     import json
 
     from tests.conftest import load_benchmark
 
     bench = load_benchmark("input_pipeline")
     out = tmp_path / "bench.json"
-    bench.main(["--num-images", "12", "--image-size", "64", "48", "--data-dir", str(tmp_path / "jpegs"),
+    bench.main(["--num-images", "12", "--image-size", "64", "48", "--data-dir", str(tmp_path / "jpegs #1"),
                 "--batch-size", "4", "--img-size", "16", "--workers", "0", "--steps", "2", "--input-batches", "2",
                 "--warmup", "1", "--device", "cpu", "--threads", "1", "--json", str(out)])
     report = json.loads(out.read_text())
-    assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 12 and report["jpegs"]["mean_kb"] > 0
+    assert len(list((tmp_path / "jpegs #1").rglob("*.jpg"))) == 12 and report["jpegs"]["mean_kb"] > 0
     assert report["results"]["device+prefetch"]["prefetch"] == 2 and report["results"]["device"]["prefetch"] == 0
-    assert (tmp_path / "jpegs-predecoded-256" / "meta.json").is_file() and report["store"]["mb"] > 0
-    sizes = {Image.open(p).size for p in (tmp_path / "jpegs").rglob("*.jpg")}
+    assert (tmp_path / "jpegs #1-predecoded-256" / "meta.json").is_file() and report["store"]["mb"] > 0
+    sizes = {Image.open(p).size for p in (tmp_path / "jpegs #1").rglob("*.jpg")}
     assert sizes == {(64, 48), (48, 64)}  # batches mix sizes, as real folders' do
     assert report["results"]["cpu+prefetch"]["prefetch"] == 2 and report["results"]["cpu"]["prefetch"] == 0
     for name in ("cpu", "cpu+prefetch", "device", "device+prefetch", "predecoded", "predecoded+prefetch", "cpu+randaug"):
