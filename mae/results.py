@@ -212,7 +212,9 @@ class Sweep:
         return list(keys)
 
     def labels(self) -> pd.Series:
-        """A short label per trial ('mask.ratio=0.75'), indexed by trial_id."""
+        """A short label per trial ('mask.ratio=0.75'), indexed by trial_id. Labels are unique: trials
+        at the same point (Optuna may draw a point twice, repeats share one) get their trial_id added,
+        so a plot grouped by label draws each trial on its own."""
         searched = self.searched
 
         def label(row: pd.Series) -> str:
@@ -220,7 +222,9 @@ class Sweep:
 
         if self.trials.empty:
             return pd.Series(dtype=str)
-        return self.trials.set_index("trial_id", drop=False).apply(label, axis=1)
+        labels = self.trials.set_index("trial_id", drop=False).apply(label, axis=1)
+        shared = labels.duplicated(keep=False)
+        return labels.where(~shared, labels + " [" + labels.index.astype(str) + "]")
 
     @property
     def finished(self) -> pd.DataFrame:

@@ -236,6 +236,7 @@ class SweepRecorder:
         self.min_interval_s = min_interval_s
         self.trials: dict[str, dict[str, Any]] = {}
         self.epochs: dict[tuple[str, int], dict[str, Any]] = {}
+        self.finished_before: set[str] = set()
         self._last_write: float | None = None
         self._dirty = False
         self.load_existing()
@@ -253,6 +254,8 @@ class SweepRecorder:
         if trials is not None:
             for row in trials.to_pylist():
                 self.trials[row["trial_id"]] = row
+        # finished in an earlier session: the callback keeps these rows as they are
+        self.finished_before = {t for t, row in self.trials.items() if row["status"] == "TERMINATED"}
         epochs = read_table(self.epochs_path)
         if epochs is not None:
             for row in epochs.to_pylist():

@@ -137,24 +137,38 @@ class ParquetCallback(tune.Callback):
             cfg, status, error = self.base, "ERROR", error or f"not a valid experiment: {e}"
         self.recorder.trial(trial.trial_id, cfg, params, status, error)
 
+    def _finished_before(self, trial: Any) -> bool:
+        """Whether the trial finished in an earlier session of this sweep. Tune saves its own state
+        at most every 10 s, so a session killed (SIGKILL, or SIGTERM, which skips Tune's last save)
+        right after a trial finished leaves that trial RUNNING in Tune's state, and --resume runs it
+        again: it trains nothing (its Train run is complete) and probes again. Its row, written when
+        it finished, stays as it was (times, probe, updated_at)."""
+        return trial.trial_id in self.recorder.finished_before
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self._finished_before(trial):
+            log.info("trial %s finished in an earlier session; its row is kept as written then", trial.trial_id)
+            return
         self._row(trial, "RUNNING")
         self.recorder.write()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if self._finished_before(trial):
+            return
         if FINAL_MARK not in result:
             self.recorder.epoch(trial.trial_id, result)
             self.recorder.write(force=False)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         final = trial.last_result or {}
-        if FINAL_MARK in final:
-            self._row(trial, "TERMINATED")
-            self.recorder.finish(trial.trial_id, final, json.loads(final.get("history_json") or "[]"))
-        else:  # a scheduler ended it before the probe
-            self._row(trial, "STOPPED")
-            self.recorder.stopped(trial.trial_id, self._last_checkpoint(trial.trial_id))
-        self.recorder.write()
+        if not self._finished_before(trial):
+            if FINAL_MARK in final:
+                self._row(trial, "TERMINATED")
+                self.recorder.finish(trial.trial_id, final, json.loads(final.get("history_json") or "[]"))
+            else:  # a scheduler ended it before the probe
+                self._row(trial, "STOPPED")
+                self.recorder.stopped(trial.trial_id, self._last_checkpoint(trial.trial_id))
+            self.recorder.write()
         self.completed += 1
         if self.interrupt_after and self.completed >= self.interrupt_after:
             log.warning("--interrupt-after %d: interrupting the sweep as Ctrl-C would", self.interrupt_after)
@@ -184,6 +198,8 @@ class ParquetCallback(tune.Callback):
         return checkpoint_location(checkpoint, self.folder) if checkpoint is not None else None
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self._finished_before(trial):
+            return
         error = trial.get_error()
         self._row(trial, "ERROR", error=str(error) if error else "unknown error")
         self.recorder.write()
@@ -287,7 +303,10 @@ def resumed_tune_config(restored: tune.TuneConfig, max_concurrent: int) -> tune.
 
 def restore_tuner(folder: str, fn: Any, callback: ParquetCallback, max_concurrent: int) -> tune.Tuner:
     """The sweep's Tuner as Tune saved it, with this run's callback and concurrency limit."""
-    tuner = tune.Tuner.restore(folder, fn, resume_unfinished=True, restart_errored=True)
+    # resume_errored, not restart_errored: Tune's restart gives a failed trial a new trial_id, so it
+    # would start a new Train run from epoch 0 beside its checkpoints, add a second row for its point,
+    # and (Optuna) report for an id the searcher never suggested (a KeyError in OptunaSearch)
+    tuner = tune.Tuner.restore(folder, fn, resume_unfinished=True, resume_errored=True)
     # Ray restores the pickled configs with no public way to change them: set them on the
     # restored Tuner. The callback is this run's (fresh options, e.g. no interrupt).
     local = tuner._local_tuner

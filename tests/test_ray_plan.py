@@ -452,6 +452,37 @@ def test_a_stopped_trial_records_no_checkpoint_when_ray_registered_none(tmp_path
     assert row["final_train_loss"] == 0.9
 
 
+def test_a_trial_finished_before_a_killed_session_keeps_its_row_when_resume_runs_it_again(tmp_path):
+    """Tune saves its state at most every 10 s: a session killed just after a trial finished leaves it
+    RUNNING there, and --resume runs it again (a probe, nothing to train). Its finished row stays."""
+    import types
+
+    from ray_jobs import sweep
+
+    def session():
+        return sweep.ParquetCallback(str(tmp_path), load_config(SMOKE_SWEEP), "git:abc")
+
+    def final(seconds: float) -> dict:
+        return {"epoch": 2, sweep.FINAL_MARK: 0.7, "wall_time_s": seconds, "history_json": "[]"}
+
+    trial = types.SimpleNamespace(trial_id="t0", config={"mask.ratio": 0.5}, last_result=final(30.0))
+    first = session()
+    first.on_trial_start(0, [], trial)
+    first.on_trial_complete(0, [], trial)
+    (written,) = pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist()
+    assert (written["status"], written["wall_time_s"]) == ("TERMINATED", 30.0)
+    again = session()  # the resumed session, which runs t0 again
+    trial.last_result = final(2.0)
+    again.on_trial_start(0, [], trial)
+    assert pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist() == [written]
+    again.on_trial_result(0, [], trial, final(2.0))
+    again.on_trial_complete(0, [], trial)
+    again.on_trial_error(0, [], trial)
+    again.on_experiment_end([])
+    assert pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist() == [written]
+    assert again.completed == 1  # it still counts as done (--interrupt-after)
+
+
 @pytest.mark.parametrize("epochs", [4, 8])
 def test_asha_does_not_stop_a_trial_on_its_last_epoch(epochs):
     # rungs at grace_period x 4^k: with epochs a multiple of 4, one lies on the last epoch

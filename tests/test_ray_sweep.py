@@ -2,7 +2,7 @@
 
 To keep the file at a few minutes on 2 cores, one interrupted-then-resumed sweep with an
 injected worker kill serves several tests (each asserts its own property), and the job
-test runs a one-point sweep. All runs use experiments/smoke_sweep.yaml shrunk by --set.
+test runs a one-point sweep (failed, then resumed). All runs use experiments/smoke_sweep.yaml shrunk by --set.
 """
 
 import json
@@ -249,26 +249,37 @@ def ray_cluster():
         head.wait(timeout=30)  # temp_dir, with Ray's logs, goes with the suite's (kept after a failure)
 
 
-def test_ray_job_submit_runs_the_sweep_on_a_cluster(ray_cluster, tmp_path):
+def test_ray_job_submit_runs_the_sweep_on_a_cluster_and_resume_continues_a_failed_trial(ray_cluster, tmp_path):
+    """`ray job submit` of a one-point sweep, one trial of two DDP workers, on a token-guarded cluster.
+    Rank 0 is killed after epoch 1 and the Train run may not retry (sweep.max_failures 0): the trial is
+    an ERROR row and the job fails. A second job with --resume continues that trial, under its own
+    trial_id, from epoch 1's checkpoint (Tune's restart would give it a new id, a new run from epoch 0
+    and a second row)."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     denied = _run([ray_bin, "job", "list", "--address", ray_cluster["address"]],
                   env={**ray_cluster["env"], "RAY_AUTH_TOKEN": "not-the-token"})
     assert denied.returncode != 0, "the cluster accepted a wrong token"
     storage = tmp_path / "results"
-    deadline = time.monotonic() + 300
-    while True:
-        proc = _run(  # one trial with two DDP workers: the trial driver holds no CPU, so both fit on 2 CPUs
-            [ray_bin, "job", "submit", "--address", ray_cluster["address"], "--working-dir", ".", "--",
-             "python", "ray_jobs/sweep_mask_ratio.py", *TINY, "--set", "train.epochs=1",
-             "--set", "sweep.workers_per_trial=2", "--set", "sweep.space={mask.ratio: [0.75]}",
-             "--storage", str(storage), "--name", "job"],
-            env=ray_cluster["env"],
-        )
-        # The dashboard answers before the node's job agent has registered (seen on a loaded
-        # machine): the submission is refused, nothing ran, and it is safe to ask again.
-        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(5)
+    sweep = ["python", "ray_jobs/sweep_mask_ratio.py", *TINY, "--storage", str(storage), "--name", "job"]
+
+    def submit(*args: str) -> subprocess.CompletedProcess:
+        deadline = time.monotonic() + 300
+        while True:
+            proc = _run([ray_bin, "job", "submit", "--address", ray_cluster["address"], "--working-dir", ".",
+                         "--", *sweep, *args], env=ray_cluster["env"])
+            # The dashboard answers before the node's job agent has registered (seen on a loaded
+            # machine): the submission is refused, nothing ran, and it is safe to ask again.
+            if "No available agent to submit job" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+                return proc
+            time.sleep(5)
+
+    # the trial driver holds no CPU, so both workers fit on 2 CPUs
+    failed = submit("--set", "sweep.workers_per_trial=2", "--set", "sweep.space={mask.ratio: [0.75]}",
+                    "--set", "sweep.max_failures=0", "--fail-at-epoch", "1")
+    assert failed.returncode != 0 and "--resume retries them" in failed.stdout + failed.stderr
+    (error_row,) = _tables(storage / "job")[0].to_pylist()
+    assert error_row["status"] == "ERROR" and error_row["error"]
+    proc = submit("--resume")
     assert proc.returncode == 0
     output = proc.stdout + proc.stderr
     assert "succeeded" in output
@@ -276,7 +287,9 @@ def test_ray_job_submit_runs_the_sweep_on_a_cluster(ray_cluster, tmp_path):
     assert "world_size=2" in output  # the process group really had two ranks
     trials, epochs = _tables(storage / "job")
     (row,) = trials.to_pylist()
-    assert row["status"] == "TERMINATED" and row["mask.ratio"] == 0.75 and row["probe_top1"] > 0
+    assert row["trial_id"] == error_row["trial_id"] and row["status"] == "TERMINATED" and row["error"] is None
+    assert row["mask.ratio"] == 0.75 and row["probe_top1"] > 0
     assert row["world_size"] == 2 and row["sweep.workers_per_trial"] == 2
-    assert epochs.num_rows == 1
-
+    assert row["resumed_from_epoch"] == 1 and row["epochs_completed"] == EPOCHS
+    assert sorted(epochs.column("epoch").to_pylist()) == list(range(1, EPOCHS + 1))
+    assert [p.name for p in (storage / "job").glob("train-*")] == [f"train-{row['trial_id']}"]

@@ -99,6 +99,15 @@ def test_summary_is_sorted_by_the_objective_and_best_picks_the_top(sweep_folder)
         sweep.best(1, metric="no_such_metric")
 
 
+def test_trials_at_the_same_point_get_labels_of_their_own(sweep_folder):
+    # Optuna may draw a point twice: a plot grouped by label must not join two trials into one line
+    trials = pq.read_table(sweep_folder / results.TRIALS_FILE).to_pylist() + [_trial("e", 0.75, 0.79)]
+    _write(sweep_folder, results.TRIALS_FILE, trials, sweep_tables.trials_schema())
+    labels = results.load_sweep(sweep_folder).labels()
+    assert labels["a"] == "mask.ratio=0.5" and labels.is_unique
+    assert (labels["b"], labels["e"]) == ("mask.ratio=0.75 [b]", "mask.ratio=0.75 [e]")
+
+
 def test_epochs_carry_the_trial_label(sweep_folder):
     epochs = results.load_sweep(sweep_folder).epochs_labelled()
     assert len(epochs) == 6 and set(epochs["label"]) == {"mask.ratio=0.5", "mask.ratio=0.75", "mask.ratio=0.9"}
