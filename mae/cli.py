@@ -142,7 +142,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         out = quick_probe(model, cfg)
     else:
         r = linear_probe(model, cfg, progress=cfg.train.progress)
-        out = {"probe_top1": r.top1, "probe_seconds": r.seconds, "epochs": r.epochs}
+        out = {"probe_top1": r.top1, "probe_n_test": r.test_images, "probe_seconds": r.seconds, "epochs": r.epochs}
     out["checkpoint"] = str(args.checkpoint)
     text = json.dumps(out, indent=2)
     print(text)  # first: a --json path that cannot be written must not lose a finished probe's result

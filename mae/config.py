@@ -348,9 +348,12 @@ def override_text(key: str, value: Any) -> str:
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
-def replace(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
-    """A copy with {"mask.ratio": 0.5, ...} applied and validated (sweeps use this)."""
+def replace(cfg: ExperimentConfig, overrides: dict[str, Any], check: bool = True) -> ExperimentConfig:
+    """A copy with {"mask.ratio": 0.5, ...} applied and validated (sweeps use this). check=False: not
+    validated (types still are), for a record of a sweep point that is not a valid experiment."""
     texts = [override_text(k, v) for k, v in overrides.items()]
+    if not check:
+        return from_dict(ExperimentConfig, apply_overrides(to_dict(cfg), texts))
     new = config_from_dict(apply_overrides(to_dict(cfg), texts))
     if any(k.startswith(("mask.", "model.")) for k in overrides):  # a sweep point's own masking
         check_grid_mask(new)

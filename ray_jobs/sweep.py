@@ -134,7 +134,11 @@ class ParquetCallback(tune.Callback):
         try:
             cfg = replace(self.base, params)
         except ConfigError as e:  # a point validation could not rule out: the trial fails, the sweep goes on
-            cfg, status, error = self.base, "ERROR", error or f"not a valid experiment: {e}"
+            status, error = "ERROR", error or f"not a valid experiment: {e}"
+            try:
+                cfg = replace(self.base, params, check=False)  # its columns (and label) show the point drawn
+            except ConfigError:  # a value of the wrong type: the base config's columns, the point in params
+                cfg = self.base
         self.recorder.trial(trial.trial_id, cfg, params, status, error)
 
     def _finished_before(self, trial: Any) -> bool:

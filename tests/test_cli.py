@@ -56,9 +56,9 @@ def test_probe_command(smoke_run, tmp_path):
     run_mae("probe", "--checkpoint", str(smoke_run / "checkpoint-0001"), "--quick", "--json", str(out))
     assert json.loads(out.read_text())["probe_n_train"] == 500
     run_mae("probe", "--checkpoint", str(smoke_run / "checkpoint-0001"), "--json", str(out),
-            "--set", "probe.epochs=1")
+            "--set", "probe.epochs=1", "--set", "probe.test_subset=500")
     result = json.loads(out.read_text())
-    assert len(result["epochs"]) == 1 and 0.0 <= result["probe_top1"] <= 1.0
+    assert len(result["epochs"]) == 1 and 0.0 <= result["probe_top1"] <= 1.0 and result["probe_n_test"] == 500
 
 
 def test_reconstruct_reads_the_checkpoint_once_and_uses_its_weights(smoke_run, tmp_path, monkeypatch):

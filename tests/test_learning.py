@@ -18,7 +18,8 @@ def trained(tmp_path_factory, fashion_mnist_dir):
         "data.train_subset=10000", "train.epochs=2", "train.batch_size=64",
         "optim.base_lr=4e-3", "optim.warmup_epochs=0.3", "train.log_every=16",
         "probe.quick_train_size=5000", "probe.quick_test_size=2000", "probe.quick_epochs=100",
-        "probe.epochs=3", "probe.train_subset=2048", "probe.base_lr=1.0", "probe.warmup_epochs=0.5",
+        "probe.epochs=3", "probe.train_subset=2048", "probe.test_subset=2000", "probe.base_lr=1.0",
+        "probe.warmup_epochs=0.5",
         "probe.augment=false",
     ])
     run = tmp_path_factory.mktemp("learn")

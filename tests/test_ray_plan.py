@@ -3,6 +3,7 @@
 The end-to-end Ray runs are in test_ray_sweep.py.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -481,6 +482,18 @@ def test_a_trial_finished_before_a_killed_session_keeps_its_row_when_resume_runs
     again.on_experiment_end([])
     assert pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist() == [written]
     assert again.completed == 1  # it still counts as done (--interrupt-after)
+
+
+def test_a_point_that_is_not_a_valid_experiment_is_an_error_row_showing_that_point(tmp_path):
+    import types
+
+    from ray_jobs import sweep
+
+    callback = sweep.ParquetCallback(str(tmp_path), load_config(SMOKE_SWEEP), "git:abc")
+    callback.on_trial_start(0, [], types.SimpleNamespace(trial_id="t0", config={"mask.ratio": 1.0}))
+    (row,) = pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist()
+    assert row["status"] == "ERROR" and row["error"].startswith("not a valid experiment: mask.ratio")
+    assert row["mask.ratio"] == 1.0 and json.loads(row["params"]) == {"mask.ratio": 1.0}  # not the base's 0.75
 
 
 @pytest.mark.parametrize("epochs", [4, 8])
