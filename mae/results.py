@@ -213,7 +213,7 @@ class Sweep:
 
     def labels(self) -> pd.Series:
         """A short label per trial ('mask.ratio=0.75'), indexed by trial_id. Labels are unique: trials
-        at the same point (Optuna may draw a point twice, repeats share one) get their trial_id added,
+        at the same point (Optuna may draw a point twice) get their trial_id added,
         so a plot grouped by label draws each trial on its own."""
         searched = self.searched
 

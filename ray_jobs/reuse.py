@@ -139,8 +139,9 @@ def config_for(checkpoint: str, experiment: str | None, overrides: list[str], wa
     return cluster.absolute_data_dir(config_from_dict(apply_overrides(values, overrides)))
 
 
-def choose(args: argparse.Namespace) -> tuple[Path, list[Target]]:
-    """(output folder, targets) from --sweep/--top-k/--metric or --checkpoint. Raises ConfigError."""
+def choose(args: argparse.Namespace, pinned: list[str] | None = None) -> tuple[Path, list[Target]]:
+    """(output folder, targets) from --sweep/--top-k/--metric or --checkpoint. Raises ConfigError.
+    pinned: the sweep's trials to take (trial ids, best first) instead of its best --top-k now."""
     if args.checkpoint:
         if not args.experiment:
             raise ConfigError("--checkpoint needs --experiment: the model, data and recipe to run it with")
@@ -160,6 +161,12 @@ def choose(args: argparse.Namespace) -> tuple[Path, list[Target]]:
         best = sweep.best(args.top_k, metric)
     except KeyError as e:
         raise ConfigError(f"--metric {metric}: {e.args[0]}; choose a numeric column of trials.parquet") from e
+    if pinned:
+        rows = sweep.trials.set_index("trial_id", drop=False)
+        missing = [t for t in pinned if t not in rows.index]
+        if missing:
+            raise ConfigError(f"the run's trial(s) {', '.join(missing)} are not in {folder / mae_results.TRIALS_FILE}")
+        best = rows.loc[pinned]
     if best.empty:
         raise ConfigError(f"no finished trial with a {metric} value in {folder / mae_results.TRIALS_FILE}")
     targets = []
@@ -342,6 +349,28 @@ def resume_mismatch(record: dict[str, Any], job: Job, targets: list[Target], wor
     return None
 
 
+def ranked_then(job: Job, folder: Path, run_id: str, args: argparse.Namespace, targets: list[Target],
+                description: str) -> list[str] | None:
+    """The trial ids a sweep run `run_id` chose, when this command asks for the same choice (--top-k,
+    --metric) but the sweep's ranking has moved since (trials finished after the run started): a
+    --resume continues the run's own encoders. None otherwise (no record, another choice asked for,
+    or the same encoders)."""
+    path = record_path(job, folder, run_id)
+    try:
+        record = json.loads(path.read_text())
+        # known flags only: finetune.py records its own --from-scratch and --workers in argv too
+        then = build_parser(job, description).parse_known_args(record["argv"])[0]
+        ids = [t["trial_id"] for t in record["targets"]]
+    except (OSError, ValueError, KeyError, TypeError, SystemExit):  # left_to_run says what is wrong with it
+        return None
+    if then.checkpoint or args.checkpoint or (then.top_k, then.metric) != (args.top_k, args.metric) \
+            or None in ids or sorted(ids) == sorted(t.trial_id for t in targets):
+        return None
+    log.warning("--resume %s: the sweep's best trials are now %s; the run chose %s, which it continues", run_id,
+                ", ".join(t.label for t in targets), ", ".join(ids))
+    return ids
+
+
 def left_to_run(job: Job, folder: Path, table: RunTable, record: Path, run_id: str, targets: list[Target],
                 workers: int, from_scratch: bool) -> list[Target]:
     """The targets a --resume of run `run_id` still runs: those it did not finish. ConfigError when there is
@@ -433,6 +462,9 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
         args = build_parser(job, description).parse_args(argv)
     try:
         folder, targets = choose(args)
+        pinned = ranked_then(job, folder, args.resume, args, targets, description) if args.resume else None
+        if pinned:
+            folder, targets = choose(args, pinned)
         for target in targets:
             check_worker_resources(target.cfg, worker_count=False)  # --workers counts them
         cluster.check_dataset_here([t.cfg for t in targets], args.address, ("train", "test"))

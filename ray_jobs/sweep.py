@@ -202,7 +202,9 @@ class ParquetCallback(tune.Callback):
         return checkpoint_location(checkpoint, self.folder) if checkpoint is not None else None
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if self._finished_before(trial):
+        if self._finished_before(trial):  # its row stays TERMINATED, as it finished; the exit status says 1
+            log.warning("trial %s, finished in an earlier session, failed when run again (%s); its row keeps the "
+                        "finished run's results", trial.trial_id, trial.get_error())
             return
         error = trial.get_error()
         self._row(trial, "ERROR", error=str(error) if error else "unknown error")
@@ -309,7 +311,8 @@ def restore_tuner(folder: str, fn: Any, callback: ParquetCallback, max_concurren
     """The sweep's Tuner as Tune saved it, with this run's callback and concurrency limit."""
     # resume_errored, not restart_errored: Tune's restart gives a failed trial a new trial_id, so it
     # would start a new Train run from epoch 0 beside its checkpoints, add a second row for its point,
-    # and (Optuna) report for an id the searcher never suggested (a KeyError in OptunaSearch)
+    # and (Optuna) report for an id the searcher never suggested (a KeyError in OptunaSearch). Resumed,
+    # it keeps its id; Optuna's study keeps it as failed (its result reaches the tables, not the study).
     tuner = tune.Tuner.restore(folder, fn, resume_unfinished=True, resume_errored=True)
     # Ray restores the pickled configs with no public way to change them: set them on the
     # restored Tuner. The callback is this run's (fresh options, e.g. no interrupt).

@@ -5,6 +5,7 @@ The jobs themselves run end to end on a real smoke sweep in tests/test_analysis.
 """
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -227,6 +228,38 @@ def test_a_resume_that_would_choose_or_run_otherwise_is_refused_before_ray(sweep
     # how it runs may change: more loader workers
     assert reuse.main(reuse.PROBE, [*argv, "--set", "data.num_workers=1", "--resume", run_id], "") == 0
     assert started[-1][:2] == (run_id, ["t1", "t2"]) and started[-1][2].data.num_workers == 1
+
+
+@pytest.mark.parametrize("job, extra", [(reuse.PROBE, []), (reuse.FINETUNE, ["--from-scratch"])])
+def test_a_resume_continues_its_own_encoders_when_the_sweeps_ranking_moved(sweep_folder, tmp_path, capsys,
+                                                                          monkeypatch, caplog, job, extra):
+    # a job on a sweep still under way: a trial that finishes later may rank above the run's own
+    started = []
+    monkeypatch.setattr(reuse, "run_all", lambda job, targets, *rest: started.append(targets) or 0)
+
+    def run(*argv: str) -> int:  # as finetune.py calls main: with its own flags parsed (and recorded)
+        parser = reuse.build_parser(job, "")
+        parser.add_argument("--from-scratch", action="store_true")
+        args = parser.parse_args(list(argv))
+        return reuse.main(job, list(argv), "", from_scratch=args.from_scratch, args=args)
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    trials = pq.read_table(sweep_folder / "trials.parquet")
+    pq.write_table(trials, sweep / "trials.parquet")
+    argv = ["--sweep", str(sweep), "--top-k", "2", "--out", str(tmp_path / "out"), *extra]
+    assert run(*argv) == 0
+    run_id = json.loads(next((tmp_path / "out" / f"{job.kind}-runs").glob("*.json")).read_text())["run_id"]
+    rows = trials.to_pylist()
+    rows[0]["probe_top1"] = 0.9  # t0 is now the best
+    pq.write_table(pa.Table.from_pylist(rows, schema=trials.schema), sweep / "trials.parquet")
+    with caplog.at_level(logging.WARNING, logger="ray_jobs.reuse"):
+        assert run(*argv, "--resume", run_id) == 0
+    assert [(t.trial_id, t.selected_rank, t.selected_value) for t in started[-1]] == [("t1", 1, 0.80), ("t2", 2, 0.75)]
+    assert "now t0, t1; the run chose t1, t2" in caplog.text
+    # another choice asked for is still refused, naming the run's arguments
+    assert run(*argv, "--top-k", "3", "--resume", run_id) == 2
+    assert "other encoders" in capsys.readouterr().err and len(started) == 2
 
 
 def test_two_jobs_adding_rows_to_one_table_keep_each_others(tmp_path):

@@ -4,6 +4,7 @@ The end-to-end Ray runs are in test_ray_sweep.py.
 """
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -453,7 +454,7 @@ def test_a_stopped_trial_records_no_checkpoint_when_ray_registered_none(tmp_path
     assert row["final_train_loss"] == 0.9
 
 
-def test_a_trial_finished_before_a_killed_session_keeps_its_row_when_resume_runs_it_again(tmp_path):
+def test_a_trial_finished_before_a_killed_session_keeps_its_row_when_resume_runs_it_again(tmp_path, caplog):
     """Tune saves its state at most every 10 s: a session killed just after a trial finished leaves it
     RUNNING there, and --resume runs it again (a probe, nothing to train). Its finished row stays."""
     import types
@@ -466,7 +467,8 @@ def test_a_trial_finished_before_a_killed_session_keeps_its_row_when_resume_runs
     def final(seconds: float) -> dict:
         return {"epoch": 2, sweep.FINAL_MARK: 0.7, "wall_time_s": seconds, "history_json": "[]"}
 
-    trial = types.SimpleNamespace(trial_id="t0", config={"mask.ratio": 0.5}, last_result=final(30.0))
+    trial = types.SimpleNamespace(trial_id="t0", config={"mask.ratio": 0.5}, last_result=final(30.0),
+                                  get_error=lambda: RuntimeError("the data folder moved"))
     first = session()
     first.on_trial_start(0, [], trial)
     first.on_trial_complete(0, [], trial)
@@ -478,7 +480,9 @@ def test_a_trial_finished_before_a_killed_session_keeps_its_row_when_resume_runs
     assert pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist() == [written]
     again.on_trial_result(0, [], trial, final(2.0))
     again.on_trial_complete(0, [], trial)
-    again.on_trial_error(0, [], trial)
+    with caplog.at_level(logging.WARNING, logger="ray_jobs.sweep"):
+        again.on_trial_error(0, [], trial)  # run again, it failed: said, and the finished row kept
+    assert "trial t0, finished in an earlier session, failed when run again (the data folder moved)" in caplog.text
     again.on_experiment_end([])
     assert pq.read_table(tmp_path / results.TRIALS_FILE).to_pylist() == [written]
     assert again.completed == 1  # it still counts as done (--interrupt-after)
