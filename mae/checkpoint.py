@@ -216,9 +216,9 @@ def checkpoint_folders(run_dir: str | os.PathLike) -> list[Path]:
             except OSError:  # another DDP rank listing the same run folder put it back first
                 if not (folder / CHECKPOINT_FILE).is_file():
                     raise
-    found = (p for p in run_dir.glob("checkpoint-[0-9]*") if re.fullmatch(r"checkpoint-\d+", p.name))
-    # by epoch, not by name: checkpoint-10000 comes after checkpoint-9999
-    return sorted((p for p in found if (p / CHECKPOINT_FILE).is_file()), key=lambda p: int(p.name.split("-")[1]))
+    epochs = {p: int(m[1]) for p in run_dir.glob("checkpoint-[0-9]*")
+              if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / CHECKPOINT_FILE).is_file()}
+    return sorted(epochs, key=epochs.get)  # by epoch, not by name: checkpoint-10000 comes after checkpoint-9999
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -351,10 +351,10 @@ def override_text(key: str, value: Any) -> str:
 def replace(cfg: ExperimentConfig, overrides: dict[str, Any], check: bool = True) -> ExperimentConfig:
     """A copy with {"mask.ratio": 0.5, ...} applied and validated (sweeps use this). check=False: not
     validated (types still are), for a record of a sweep point that is not a valid experiment."""
-    texts = [override_text(k, v) for k, v in overrides.items()]
+    values = apply_overrides(to_dict(cfg), [override_text(k, v) for k, v in overrides.items()])
     if not check:
-        return from_dict(ExperimentConfig, apply_overrides(to_dict(cfg), texts))
-    new = config_from_dict(apply_overrides(to_dict(cfg), texts))
+        return from_dict(ExperimentConfig, values)
+    new = config_from_dict(values)
     if any(k.startswith(("mask.", "model.")) for k in overrides):  # a sweep point's own masking
         check_grid_mask(new)
     return new

@@ -51,11 +51,11 @@ def absolute_data_dir(cfg: ExperimentConfig) -> ExperimentConfig:
     """Ray's workers run in other working directories: anchor a relative data.data_dir, data.predecoded_dir
     or $MAE_DATA_DIR at ours, and expand a ~ in them, as `python -m mae` does, before the workers see them."""
     env = os.environ.get(DATA_DIR_ENV)
-    if not cfg.data.data_dir and env and _local_path(env) != env:  # an embedded Ray's workers inherit it
+    if not cfg.data.data_dir and env:  # an embedded Ray's workers inherit it
         os.environ[DATA_DIR_ENV] = _local_path(env)
-    changed = {key: _local_path(d) for key, d in (("data.data_dir", cfg.data.data_dir),
-                                                  ("data.predecoded_dir", cfg.data.predecoded_dir))
-               if d and _local_path(d) != d}
+    given = {"data.data_dir": cfg.data.data_dir, "data.predecoded_dir": cfg.data.predecoded_dir}
+    local = {key: _local_path(d) for key, d in given.items() if d}
+    changed = {key: d for key, d in local.items() if d != given[key]}
     return replace(cfg, changed) if changed else cfg
 
 

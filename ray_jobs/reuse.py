@@ -36,6 +36,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,9 +140,11 @@ def config_for(checkpoint: str, experiment: str | None, overrides: list[str], wa
     return cluster.absolute_data_dir(config_from_dict(apply_overrides(values, overrides)))
 
 
-def choose(args: argparse.Namespace, pinned: list[str] | None = None) -> tuple[Path, list[Target]]:
+def choose(args: argparse.Namespace, pin: Callable[[Path, list[str]], list[str] | None] | None = None,
+           ) -> tuple[Path, list[Target]]:
     """(output folder, targets) from --sweep/--top-k/--metric or --checkpoint. Raises ConfigError.
-    pinned: the sweep's trials to take (trial ids, best first) instead of its best --top-k now."""
+    pin(output folder, the best --top-k trial ids now): the sweep's trials to take instead (trial ids,
+    best first), or None to take those."""
     if args.checkpoint:
         if not args.experiment:
             raise ConfigError("--checkpoint needs --experiment: the model, data and recipe to run it with")
@@ -161,14 +164,16 @@ def choose(args: argparse.Namespace, pinned: list[str] | None = None) -> tuple[P
         best = sweep.best(args.top_k, metric)
     except KeyError as e:
         raise ConfigError(f"--metric {metric}: {e.args[0]}; choose a numeric column of trials.parquet") from e
+    if best.empty:
+        raise ConfigError(f"no finished trial with a {metric} value in {folder / mae_results.TRIALS_FILE}")
+    out = Path(args.out).resolve() if args.out else folder.resolve()
+    pinned = pin(out, list(best["trial_id"])) if pin else None
     if pinned:
         rows = sweep.trials.set_index("trial_id", drop=False)
         missing = [t for t in pinned if t not in rows.index]
         if missing:
             raise ConfigError(f"the run's trial(s) {', '.join(missing)} are not in {folder / mae_results.TRIALS_FILE}")
         best = rows.loc[pinned]
-    if best.empty:
-        raise ConfigError(f"no finished trial with a {metric} value in {folder / mae_results.TRIALS_FILE}")
     targets = []
     for rank, row in enumerate(best.to_dict("records"), start=1):
         checkpoint = row["checkpoint_path"]
@@ -177,7 +182,7 @@ def choose(args: argparse.Namespace, pinned: list[str] | None = None) -> tuple[P
         targets.append(Target(checkpoint, config_for(checkpoint, args.experiment, args.overrides, warn=rank == 1),
                               trial_id=row["trial_id"], selected_by=metric, selected_value=float(row[metric]),
                               selected_rank=rank, sweep=folder.name))
-    return Path(args.out).resolve() if args.out else folder.resolve(), targets
+    return out, targets
 
 
 # -- the Train worker -----------------------------------------------------------------------
@@ -349,7 +354,7 @@ def resume_mismatch(record: dict[str, Any], job: Job, targets: list[Target], wor
     return None
 
 
-def ranked_then(job: Job, folder: Path, run_id: str, args: argparse.Namespace, targets: list[Target],
+def ranked_then(job: Job, folder: Path, run_id: str, args: argparse.Namespace, now: list[str],
                 description: str) -> list[str] | None:
     """The trial ids a sweep run `run_id` chose, when this command asks for the same choice (--top-k,
     --metric) but the sweep's ranking has moved since (trials finished after the run started): a
@@ -363,11 +368,11 @@ def ranked_then(job: Job, folder: Path, run_id: str, args: argparse.Namespace, t
         ids = [t["trial_id"] for t in record["targets"]]
     except (OSError, ValueError, KeyError, TypeError, SystemExit):  # left_to_run says what is wrong with it
         return None
-    if then.checkpoint or args.checkpoint or (then.top_k, then.metric) != (args.top_k, args.metric) \
-            or None in ids or sorted(ids) == sorted(t.trial_id for t in targets):
+    if then.checkpoint or (then.top_k, then.metric) != (args.top_k, args.metric) or None in ids \
+            or sorted(ids) == sorted(now):
         return None
     log.warning("--resume %s: the sweep's best trials are now %s; the run chose %s, which it continues", run_id,
-                ", ".join(t.label for t in targets), ", ".join(ids))
+                ", ".join(now), ", ".join(ids))
     return ids
 
 
@@ -461,10 +466,9 @@ def main(job: Job, argv: list[str] | None, description: str, workers: int = 1, f
     if args is None:
         args = build_parser(job, description).parse_args(argv)
     try:
-        folder, targets = choose(args)
-        pinned = ranked_then(job, folder, args.resume, args, targets, description) if args.resume else None
-        if pinned:
-            folder, targets = choose(args, pinned)
+        # a --resume of a sweep run takes the run's own trials if the sweep's ranking has moved since
+        folder, targets = choose(args, (lambda out, now: ranked_then(job, out, args.resume, args, now, description))
+                                 if args.resume else None)
         for target in targets:
             check_worker_resources(target.cfg, worker_count=False)  # --workers counts them
         cluster.check_dataset_here([t.cfg for t in targets], args.address, ("train", "test"))
